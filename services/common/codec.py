@@ -51,6 +51,18 @@ def decode(model: type[M], data: bytes | None) -> M:
     """
     if data is None:
         raise DecodeError("malformed_json", "message has no value (tombstone)")
+    try:  # fast path: parse and validate in one pass (pydantic-core)
+        message = model.model_validate_json(data)
+    except ValidationError:
+        return _decode_classified(model, data)
+    supported = model.model_fields["schema_version"].default
+    if message.schema_version > supported:
+        return _decode_classified(model, data)
+    return message
+
+
+def _decode_classified(model: type[M], data: bytes) -> M:
+    """The slow path: find out why `data` is not a valid `model` and say so."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:

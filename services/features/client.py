@@ -1,0 +1,181 @@
+"""The online store's public face: how other services read (and tests seed) online features.
+
+Layout (specified in docs/features.md, "Redis key layout"): one hash per entity instance,
+`sluice:fv:{entity}:{entity_id}`, holding for each feature `{feature}` -> the value as a decimal
+string and `{feature}@ts` -> the event time (epoch ms) of the newest event that contributed to
+it; the features service also writes `@ts` (the entity's clock, the same time for every feature
+of the entity). The entity's TTL is the key's expiry. Reads of many entities x many features
+take one pipelined round trip.
+
+Two readers: `read_features` returns what is stored (callers apply defaults themselves);
+`read_online` applies the definitions: declared defaults for missing or expired values, flagged
+as defaulted, and the freshness of what was served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis import Redis
+
+from services.features.definitions import FeatureRegistry
+
+KEY_PREFIX = "sluice:fv"
+TS_SUFFIX = "@ts"
+
+
+def feature_key(entity: str, entity_id: str) -> str:
+    """The Redis key of one entity instance's feature hash."""
+    return f"{KEY_PREFIX}:{entity}:{entity_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRead:
+    """Online values of one entity instance; `None` where the store holds no value."""
+
+    values: dict[str, float | None]
+    newest_event_ms: int | None
+
+    def freshness_s(self, now_ms: int) -> float | None:
+        """Age of the newest contributing event, in seconds (None when nothing was found)."""
+        if self.newest_event_ms is None:
+            return None
+        return max(0.0, (now_ms - self.newest_event_ms) / 1000)
+
+
+_READ_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+    out[i] = redis.call('HMGET', key, unpack(ARGV))
+end
+return out
+"""
+
+
+def read_features(
+    redis: Redis, wanted: Sequence[tuple[str, str, Sequence[str]]]
+) -> list[FeatureRead]:
+    """Read `(entity, entity_id, feature names)` for each item in one round trip.
+
+    Items asking for the same feature names share one server-side script call (HMGET per key
+    inside Redis), so a batch of hundreds of entities costs one command per distinct feature
+    list instead of one per entity. The keys of one call must live on one Redis node (true of a
+    single Redis or a replicated one; on Redis Cluster give the keys a common hash tag).
+
+    Results come back in the order asked. Unparseable stored values read as `None`, like missing
+    ones, so a bad write can never crash a reader; callers apply declared defaults. A stored NaN
+    or inf is returned as is: whether the model may see it is the caller's decision.
+    """
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, (_entity, _id, names) in enumerate(wanted):
+        groups.setdefault(tuple(names), []).append(index)
+    script = redis.register_script(_READ_SCRIPT)
+    pipe = redis.pipeline(transaction=False)
+    for names, indexes in groups.items():
+        keys = [feature_key(wanted[i][0], wanted[i][1]) for i in indexes]
+        script(keys=keys, args=[*names, *(name + TS_SUFFIX for name in names)], client=pipe)
+    replies = pipe.execute()
+    reads: list[FeatureRead | None] = [None] * len(wanted)
+    for (names, indexes), reply in zip(groups.items(), replies, strict=True):
+        count = len(names)
+        for index, fields in zip(indexes, reply, strict=True):
+            values = {name: _to_float(raw) for name, raw in zip(names, fields, strict=False)}
+            stamps = [int(raw) for raw in fields[count:] if raw is not None and raw.isdigit()]
+            reads[index] = FeatureRead(values, max(stamps) if stamps else None)
+    return reads  # type: ignore[return-value]
+
+
+def _to_float(raw: bytes | str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def write_features(
+    redis: Redis,
+    entity: str,
+    entity_id: str,
+    values: Mapping[str, float],
+    event_ms: Mapping[str, int],
+    ttl_s: int | None = None,
+) -> None:
+    """Set features of one entity instance (values and their event times) in one round trip."""
+    mapping: dict[str, str] = {name: repr(float(value)) for name, value in values.items()}
+    mapping.update({name + TS_SUFFIX: str(int(ms)) for name, ms in event_ms.items()})
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(feature_key(entity, entity_id), mapping=mapping)
+    if ttl_s:
+        pipe.expire(feature_key(entity, entity_id), ttl_s)
+    pipe.execute()
+
+
+class UnknownFeature(KeyError):
+    """A read named an entity or feature that the definitions do not have."""
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineVector:
+    """Served values of one entity instance: defaults applied where the store had none."""
+
+    entity: str
+    entity_id: str
+    values: dict[str, float]
+    defaulted: tuple[str, ...]
+    as_of_ms: int | None
+
+    def freshness_s(self, now_ms: int) -> float | None:
+        """Age of the newest event behind these values, in seconds (None when all defaulted)."""
+        if self.as_of_ms is None:
+            return None
+        return max(0.0, (now_ms - self.as_of_ms) / 1000)
+
+
+def read_online(
+    redis: Redis,
+    registry: FeatureRegistry,
+    wanted: Sequence[tuple[str, str, Sequence[str]]],
+    now_ms: int,
+) -> list[OnlineVector]:
+    """Read `(entity, entity_id, feature names)` per item in one pipelined round trip.
+
+    A feature with no stored value, or whose entity's values are past the entity TTL at
+    `now_ms` (event time, so it agrees with the offline computation), gets its declared default
+    and is listed in `defaulted`. Raises `UnknownFeature` before any I/O for names the
+    definitions lack.
+    """
+    plans = []
+    for entity, _entity_id, names in wanted:
+        if entity not in registry.plans:
+            raise UnknownFeature(f"no features are defined for entity {entity!r}")
+        plan = registry.plan(entity)
+        unknown = [name for name in names if name not in plan.defaults]
+        if unknown:
+            raise UnknownFeature(f"entity {entity!r} has no features {unknown}")
+        plans.append(plan)
+    pipe = redis.pipeline(transaction=False)
+    for entity, entity_id, names in wanted:
+        pipe.hmget(feature_key(entity, entity_id), [*names, TS_SUFFIX])
+    vectors = []
+    for (entity, entity_id, names), plan, reply in zip(
+        wanted, plans, pipe.execute(), strict=True
+    ):
+        clock_raw = reply[-1]
+        clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else None
+        expired = clock is not None and now_ms - clock >= plan.ttl_ms
+        defaults = plan.defaults
+        values: dict[str, float] = {}
+        defaulted: list[str] = []
+        for name, raw in zip(names, reply, strict=False):
+            value = None if expired else _to_float(raw)
+            if value is None:
+                values[name] = defaults[name]
+                defaulted.append(name)
+            else:
+                values[name] = value
+        served_clock = None if expired or len(defaulted) == len(names) else clock
+        vectors.append(OnlineVector(entity, entity_id, values, tuple(defaulted), served_clock))
+    return vectors

@@ -1,0 +1,283 @@
+"""Inference consumer: predictions/s and produce->consume latency by batch policy.
+
+Each policy runs in its own `python -m services.inference` process (its own GIL, as deployed)
+on its own request and prediction topics, scoring a 100-tree depth-5 GBDT over 20 features, 12
+of them read from Redis per batch. Throughput: a backlog of requests is produced first, then
+the consumer drains it; rate = requests / (last scored - first scored). Latency: requests are
+produced at a fixed rate (half of the best throughput of this run) and each prediction's age is
+taken when the benchmark reads it back (request creation -> prediction consumed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from redis import Redis
+
+from services.features.client import write_features
+from tests.bench.harness import BenchContext, BenchTable
+from tests.helpers.models import CARD_FEATURES, MERCHANT_FEATURES, write_version
+from tests.support import create_topic, unique
+
+CARDS, MERCHANTS = 20_000, 2_000
+POLICIES = [
+    ("batch 1", {"SLUICE_INFERENCE_MAX_BATCH_SIZE": "1", "SLUICE_INFERENCE_MAX_DELAY_MS": "0"}),
+    ("batch 8", {"SLUICE_INFERENCE_MAX_BATCH_SIZE": "8", "SLUICE_INFERENCE_MAX_DELAY_MS": "1"}),
+    ("batch 32", {"SLUICE_INFERENCE_MAX_BATCH_SIZE": "32", "SLUICE_INFERENCE_MAX_DELAY_MS": "2"}),
+    ("batch 128", {"SLUICE_INFERENCE_MAX_BATCH_SIZE": "128", "SLUICE_INFERENCE_MAX_DELAY_MS": "2"}),
+    ("batch 512", {"SLUICE_INFERENCE_MAX_BATCH_SIZE": "512", "SLUICE_INFERENCE_MAX_DELAY_MS": "2"}),
+    (
+        "adaptive",
+        {
+            "SLUICE_INFERENCE_MAX_BATCH_SIZE": "512",
+            "SLUICE_INFERENCE_ADAPTIVE": "true",
+            "SLUICE_INFERENCE_TARGET_P99_MS": "20",
+        },
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _seed_online_store(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    rng = np.random.default_rng(11)
+    for entity, count, names in (
+        ("card", CARDS, CARD_FEATURES),
+        ("merchant", MERCHANTS, MERCHANT_FEATURES),
+    ):
+        values = rng.normal(size=(count, len(names)))
+        for i in range(count):
+            write_features(
+                redis,
+                entity,
+                f"{entity}-{i}",
+                dict(zip(names, values[i], strict=True)),
+                {n: 1 for n in names},
+            )
+
+
+def _request(model: str, i: int, now_ms: int, features: np.ndarray) -> bytes:
+    body = {
+        "schema_version": 1,
+        "request_id": f"r{i}",
+        "model": model,
+        "entity_id": f"card-{i % CARDS}",
+        "features": {f"req_f{j}": float(features[j]) for j in range(8)}
+        | {"merchant_id": f"merchant-{i % MERCHANTS}"},
+        "created_at_ms": now_ms,
+    }
+    return orjson.dumps(body)
+
+
+class _Reader:
+    """Reads a predictions topic from the beginning in a thread, keeping (age ms, scored_at)."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": unique("bench"),
+                "fetch.wait.max.ms": 1,
+                "enable.auto.commit": False,
+            }
+        )
+        self._consumer.assign(
+            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)]
+        )
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(2000, 0.05):
+                if message.error() is None:
+                    now_ms = time.time() * 1000
+                    body = orjson.loads(message.value())
+                    self.samples.append(
+                        (
+                            now_ms - body["created_at_ms"],
+                            body["scored_at_ms"],
+                            body.get("batch_size") or 0,
+                        )
+                    )
+
+    def wait_for(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.samples) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+def _start_worker(ctx: BenchContext, root: Path, env_overrides: dict[str, str], topics) -> tuple:
+    port = _free_port()
+    env = {
+        **os.environ,
+        **ctx.cluster.env(),
+        "SLUICE_MODEL_REPOSITORY": str(root),
+        "SLUICE_INFERENCE_REQUESTS_TOPIC": topics[0],
+        "SLUICE_INFERENCE_PREDICTIONS_TOPIC": topics[1],
+        "SLUICE_INFERENCE_GROUP_ID": unique("bench-inference"),
+        "SLUICE_METRICS_PORT": str(port),
+        "SLUICE_LOG_LEVEL": "WARNING",
+        "SLUICE_KAFKA_FETCH_WAIT_MAX_MS": "1",
+        **env_overrides,
+    }
+    process = subprocess.Popen([sys.executable, "-m", "services.inference"], env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("inference worker did not become ready")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _producer(bootstrap: str) -> Producer:
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 2,
+            "acks": 1,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+
+
+def _throughput(ctx, root, env_overrides, count: int) -> tuple[float, float]:
+    bootstrap = ctx.cluster.kafka_bootstrap
+    topics = (
+        create_topic(bootstrap, unique("bench.req"), 8),
+        create_topic(bootstrap, unique("bench.pred"), 8),
+    )
+    producer = _producer(bootstrap)
+    features = np.random.default_rng(5).normal(size=(1000, 8))
+    now_ms = int(time.time() * 1000)
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(
+                    topics[0],
+                    _request("fraud", i, now_ms, features[i % 1000]),
+                    key=f"card-{i % CARDS}",
+                )
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.flush(60)
+    reader = _Reader(bootstrap, topics[1], 8)
+    process, _port = _start_worker(ctx, root, env_overrides, topics)
+    try:
+        reader.wait_for(count, timeout_s=300)
+    finally:
+        _stop(process)
+        reader.close()
+    scored = [s[1] for s in reader.samples]
+    span_s = max(1e-3, (max(scored) - min(scored)) / 1000)
+    mean_batch = float(np.mean([s[2] for s in reader.samples]))
+    return len(scored) / span_s, mean_batch
+
+
+def _latency(ctx, root, env_overrides, rate: float, seconds: float) -> tuple[float, float, float]:
+    bootstrap = ctx.cluster.kafka_bootstrap
+    topics = (
+        create_topic(bootstrap, unique("bench.req"), 8),
+        create_topic(bootstrap, unique("bench.pred"), 8),
+    )
+    reader = _Reader(bootstrap, topics[1], 8)
+    process, _port = _start_worker(ctx, root, env_overrides, topics)
+    producer = _producer(bootstrap)
+    producer.produce(topics[0], b"warm-up is not json")  # joins fetch sessions before timing
+    features = np.random.default_rng(6).normal(size=(1000, 8))
+    sent = 0
+    started = time.monotonic()
+    try:
+        while (elapsed := time.monotonic() - started) < seconds:
+            due = int(elapsed * rate)
+            now_ms = int(time.time() * 1000)
+            while sent < due:
+                producer.produce(
+                    topics[0],
+                    _request("fraud", sent, now_ms, features[sent % 1000]),
+                    key=f"card-{sent % CARDS}",
+                )
+                sent += 1
+            producer.poll(0)
+            time.sleep(0.0005)
+        producer.flush(30)
+        reader.wait_for(sent, timeout_s=60)
+    finally:
+        _stop(process)
+        reader.close()
+    ages = np.array([s[0] for s in reader.samples])
+    skip = len(ages) // 10  # the first tenth warms caches and fetch sessions
+    ages = ages[skip:]
+    return float(np.percentile(ages, 50)), float(np.percentile(ages, 99)), float(len(ages))
+
+
+def run(ctx: BenchContext) -> list[BenchTable]:
+    root = ctx.workdir / "models"
+    write_version(root, "fraud", "1", kind="gbdt", trees=100, depth=5)
+    _seed_online_store(ctx.cluster.redis_url)
+    count = 10_000 if ctx.quick else 40_000
+    seconds = 4.0 if ctx.quick else 10.0
+    throughput = {name: _throughput(ctx, root, env, count) for name, env in POLICIES}
+    peak = max(rate for rate, _ in throughput.values())
+    half = peak / 2
+    rows = []
+    for name, env in POLICIES:
+        p50, p99, samples = _latency(ctx, root, env, half, seconds)
+        rate, mean_batch = throughput[name]
+        rows.append([name, rate, mean_batch, p50, p99, int(samples)])
+    batch1 = throughput["batch 1"][0]
+    return [
+        BenchTable(
+            title="inference consumer (one process, CPU provider, 100-tree GBDT, 20 features)",
+            columns=[
+                "policy",
+                "predictions/s",
+                "mean batch",
+                f"p50 ms @{half:,.0f}/s",
+                f"p99 ms @{half:,.0f}/s",
+                "latency samples",
+            ],
+            rows=rows,
+            notes=[
+                f"best/batch-1 throughput: {peak / batch1:.1f}x (target >= 5x)",
+                f"peak {peak:,.0f} predictions/s (target >= 50,000/s); latency measured at 50% of "
+                "peak, request creation -> prediction consumed by the benchmark",
+            ],
+        )
+    ]
