@@ -150,7 +150,9 @@ def fill_row(
 ) -> None:
     """Set `job.row` (or `job.error`) from request-time and online values, per the plan.
 
-    Missing values take the feature's declared default (and are listed in `job.defaulted`); a
+    An online feature supplied in the request under its column name uses the request's value
+    (Open Inference Protocol calls send every column). Missing values take the feature's
+    declared default (and are listed in `job.defaulted`); a
     feature without a default is required. Strings where numbers are expected, and NaN/inf
     where the feature does not allow them, are errors that name the feature.
     """
@@ -162,7 +164,12 @@ def fill_row(
     }
     row: list[float] = []
     for entity, key, spec in plan.columns:
-        raw = request_values.get(key) if entity is None else entity_values[entity].get(key)
+        if entity is None:
+            raw = request_values.get(key)
+        else:  # a request-time value of the same name takes precedence over the store
+            raw = request_values.get(spec.name)
+            if raw is None:
+                raw = entity_values[entity].get(key)
         if type(raw) is float and (raw == raw and raw not in _INFINITIES or spec.allow_nan):
             row.append(raw)
             continue

@@ -1,0 +1,199 @@
+"""Wiring of the HTTP gateway: the FastAPI app, its lifespan (producer, reply listener), error
+handlers and protections. Routes parse, call one domain function, and return its result."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, Field
+
+from schemas.messages import Event, Label, Scalar
+from schemas.topics import EVENTS, LABELS
+from services.ingest.auth import authorize, parse_keys
+from services.ingest.capture import capture
+from services.ingest.gateway import Gateway, GatewayError, ModelCatalog, PredictItem
+from services.ingest.limits import BodySizeLimit
+from services.ingest.oip import router as oip_router
+from services.ingest.producer import AsyncProducer
+from services.ingest.replies import ReplyListener
+from services.ingest.responses import JSONBody
+from services.ingest.settings import IngestSettings
+
+ModelName = Annotated[str, Path(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class PredictBody(BaseModel):
+    """One entity to score. `request_id` is an idempotency key: a repeat returns the same
+    answer without scoring again."""
+
+    entity_id: str = Field(min_length=1, max_length=256)
+    features: dict[str, Scalar] = Field(default_factory=dict)
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    version: str | None = Field(None, description="Pin a version instead of routing.")
+    timeout_ms: int | None = Field(None, description="Deadline; default from settings.")
+
+
+class BatchBody(BaseModel):
+    """Many entities scored in one call; each gets its own result, in order."""
+
+    instances: list[PredictBody] = Field(min_length=1)
+    timeout_ms: int | None = None
+
+
+def _timeout(gateway: Gateway, *candidates: int | None) -> int:
+    return gateway.timeout_ms(next((c for c in candidates if c is not None), None))
+
+
+def create_app(settings: IngestSettings | None = None) -> FastAPI:
+    """Build the gateway app; Kafka clients start with the app's lifespan."""
+    settings = settings or IngestSettings()
+    keys = parse_keys(settings.ingest_api_keys)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        producer = AsyncProducer(settings)
+        replies = ReplyListener(settings, settings.ingest_reply_group)
+        producer.start(loop)
+        replies.start(loop)
+        app.state.producer = producer
+        app.state.replies = replies
+        app.state.gateway = Gateway(
+            producer,
+            replies,
+            ModelCatalog(settings.model_repository),
+            default_timeout_ms=settings.ingest_default_timeout_ms,
+            max_timeout_ms=settings.ingest_max_timeout_ms,
+            max_in_flight=settings.ingest_max_in_flight,
+            idempotency_ttl_s=settings.ingest_idempotency_ttl_s,
+        )
+        try:
+            yield
+        finally:
+            replies.close()
+            producer.close()
+
+    app = FastAPI(
+        title="Sluiceway gateway",
+        version="1",
+        default_response_class=JSONBody,
+        lifespan=lifespan,
+        description="Synchronous predictions over Kafka, traffic capture, and the Open "
+        "Inference Protocol (v2).",
+    )
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.ingest_max_body_bytes)
+
+    def role(name: str):
+        def check(
+            authorization: Annotated[str | None, Header()] = None,
+            x_api_key: Annotated[str | None, Header()] = None,
+        ) -> None:
+            presented = x_api_key
+            if authorization and authorization.lower().startswith("bearer "):
+                presented = authorization[7:].strip()
+            denied = authorize(keys, presented, name)
+            if denied is not None:
+                code = "unauthorized" if denied[0] == 401 else "forbidden"
+                raise GatewayError(denied[0], code, denied[1])
+
+        return Depends(check)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_request: Request, exc: GatewayError) -> JSONBody:
+        return JSONBody(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONBody:
+        details = [
+            {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()
+        ]
+        body = {
+            "error": {"code": "validation_error", "message": "invalid request", "details": details}
+        }
+        return JSONBody(body, status_code=422)
+
+    def gateway_of(request: Request) -> Gateway:
+        return request.app.state.gateway
+
+    @app.post("/v1/models/{model}/predict", dependencies=[role("predict")])
+    async def predict(
+        model: ModelName,
+        body: PredictBody,
+        request: Request,
+        timeout_ms: Annotated[int | None, Query()] = None,
+        x_timeout_ms: Annotated[int | None, Header()] = None,
+    ) -> JSONBody:
+        gateway = gateway_of(request)
+        deadline = _timeout(gateway, timeout_ms, x_timeout_ms, body.timeout_ms)
+        item = PredictItem(body.entity_id, body.features, body.request_id, body.version)
+        (result,) = await gateway.predict(model, [item], deadline)
+        status = result.pop("status", 200)
+        return JSONBody(result, status_code=status)
+
+    @app.post("/v1/models/{model}/predict:batch", dependencies=[role("predict")])
+    async def predict_batch(
+        model: ModelName,
+        body: BatchBody,
+        request: Request,
+        timeout_ms: Annotated[int | None, Query()] = None,
+    ) -> dict:
+        gateway = gateway_of(request)
+        if len(body.instances) > settings.ingest_max_batch_items:
+            raise GatewayError(
+                413,
+                "too_many_items",
+                f"{len(body.instances)} instances; at most {settings.ingest_max_batch_items}",
+            )
+        deadline = _timeout(gateway, timeout_ms, body.timeout_ms)
+        items = [
+            PredictItem(i.entity_id, i.features, i.request_id, i.version) for i in body.instances
+        ]
+        return {"predictions": await gateway.predict(model, items, deadline)}
+
+    @app.post("/v1/events", dependencies=[role("ingest")], status_code=202)
+    async def post_events(request: Request) -> JSONBody:
+        status, body = await capture(
+            request.app.state.producer,
+            EVENTS.name,
+            await request.body(),
+            Event,
+            settings.ingest_max_batch_items,
+        )
+        return JSONBody(body, status_code=status)
+
+    @app.post("/v1/labels", dependencies=[role("ingest")], status_code=202)
+    async def post_labels(request: Request) -> JSONBody:
+        status, body = await capture(
+            request.app.state.producer,
+            LABELS.name,
+            await request.body(),
+            Label,
+            settings.ingest_max_batch_items,
+        )
+        return JSONBody(body, status_code=status)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONBody:
+        replies: ReplyListener = request.app.state.replies
+        ready = replies.ready()
+        body = {"status": "ready" if ready else "not_ready", "reply_partitions": replies.partitions}
+        return JSONBody(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.require_predict = role("predict")
+    app.include_router(oip_router(role("predict")))
+    return app

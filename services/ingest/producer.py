@@ -1,0 +1,90 @@
+"""An asyncio face for the confluent-kafka producer: `await produce(...)` returns once the broker
+acknowledged the message (or raises with the broker's error).
+
+librdkafka calls delivery callbacks on whichever thread polls the producer; a daemon thread
+polls it continuously and hands each result to the event loop with one thread-safe call per
+poll, so the request path never blocks on Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from services.common.kafka import make_producer
+from services.common.settings import SluiceSettings
+
+
+class DeliveryError(Exception):
+    """The broker did not accept a message; `retriable` says whether trying again may help."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(str(error))
+        self.retriable = bool(error.retriable())
+
+
+class AsyncProducer:
+    """Produce from asyncio code and await the acknowledgement."""
+
+    def __init__(self, settings: SluiceSettings, **overrides: Any) -> None:
+        self.producer: Producer = make_producer(settings, **{"linger.ms": 1, **overrides})
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued (bounded), then stop polling."""
+        self.producer.flush(timeout_s)
+        self._stop.set()
+        self._thread.join(5)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.producer.poll(0.05)
+
+    def produce_nowait(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None = None,
+        headers: dict[str, str | bytes] | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue one message; the returned future completes when the broker acknowledged it."""
+        assert self._loop is not None, "start() the producer first"
+        loop = self._loop
+        future: asyncio.Future[None] = loop.create_future()
+
+        def on_delivery(error: KafkaError | None, _message) -> None:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value, key=key, headers=headers, on_delivery=on_delivery
+                )
+                return future
+            except BufferError:
+                self.producer.poll(0.01)
+            except KafkaException as exc:
+                future.set_exception(DeliveryError(exc.args[0]))
+                return future
+
+    async def produce(self, topic: str, value: bytes, key=None, headers=None) -> None:
+        """Produce one message and wait for the broker's acknowledgement."""
+        await self.produce_nowait(topic, value, key, headers)
+
+
+def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(DeliveryError(error))

@@ -1,0 +1,111 @@
+"""Where synchronous predictions come back: this gateway's own partitions of sluice.predictions.
+
+All gateway instances join one consumer group on `sluice.predictions`, so the group protocol
+gives each instance a disjoint set of partitions: its reply partitions. A request names one of
+them in its `reply_partition` header and the inference consumer produces the live prediction
+there; this instance reads only its partitions, never everyone's replies. Predictions that are
+not awaited here (asynchronous traffic hashed to these partitions, shadow copies, replies to
+requests that already timed out) are skipped after reading their headers.
+
+A rebalance can move a partition while a request waits on it; that request then times out
+(504) and its prediction is still logged. The consumer starts from the latest offset and never
+commits: replies are only useful to the instance that is waiting for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas.topics import PREDICTIONS
+from services.common.kafka import consumer_config
+from services.common.settings import SluiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class ReplyListener:
+    """Consumes this instance's reply partitions and completes the waiting futures."""
+
+    def __init__(self, settings: SluiceSettings, group_id: str, topic: str = PREDICTIONS.name):
+        self.topic = topic
+        self.pending: dict[str, asyncio.Future[dict]] = {}
+        self.partitions: list[int] = []
+        self._cycle = itertools.cycle([])
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        config = consumer_config(
+            settings,
+            group_id,
+            **{"auto.offset.reset": "latest", "fetch.wait.max.ms": 1, "fetch.min.bytes": 1},
+        )
+        self.consumer = Consumer(config)
+        self._thread = threading.Thread(target=self._loop_forever, name="replies", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.consumer.close()
+
+    def ready(self) -> bool:
+        """True once the group gave this instance at least one reply partition."""
+        return bool(self.partitions)
+
+    def next_partition(self) -> int:
+        """A reply partition for the next request (round robin over ours)."""
+        return next(self._cycle)
+
+    def expect(self, request_id: str) -> asyncio.Future[dict]:
+        """Register interest in a request's reply before producing the request."""
+        future = self.pending.get(request_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self.pending[request_id] = future
+        return future
+
+    def forget(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+
+    def _on_assign(self, _consumer, partitions: list[TopicPartition]) -> None:
+        self.partitions = sorted({*self.partitions, *(p.partition for p in partitions)})
+        self._cycle = itertools.cycle(self.partitions)
+        log.info("reply partitions assigned", extra={"partitions": self.partitions})
+
+    def _on_revoke(self, _consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {p.partition for p in partitions}
+        self.partitions = [p for p in self.partitions if p not in revoked]
+        self._cycle = itertools.cycle(self.partitions)
+
+    def _loop_forever(self) -> None:
+        while not self._stop.is_set():
+            messages = self.consumer.consume(1000, 0.05)
+            replies = []
+            for message in messages:
+                if message.error() is not None:
+                    continue
+                headers = dict(message.headers() or ())
+                request_id = headers.get("request_id", b"").decode()
+                if headers.get("route") == b"shadow" or request_id not in self.pending:
+                    continue
+                try:
+                    replies.append((request_id, orjson.loads(message.value())))
+                except orjson.JSONDecodeError:
+                    log.warning("undecodable reply", extra={"request_id": request_id})
+            if replies and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._complete, replies)
+
+    def _complete(self, replies: list[tuple[str, dict]]) -> None:
+        for request_id, body in replies:
+            future = self.pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(body)

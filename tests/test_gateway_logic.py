@@ -1,0 +1,116 @@
+"""Pure parts of the gateway: API keys, capture parsing, Open Inference Protocol tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.messages import Event
+from services.inference.client import TensorSpec
+from services.ingest.auth import authorize, hash_key, parse_keys
+from services.ingest.capture import split_items, validate_items
+from services.ingest.gateway import GatewayError
+from services.ingest.oip import InferTensor, OipError, output_tensors, rows_from_inputs
+
+
+def test_keys_are_configured_as_hashes_and_checked_by_role():
+    keys = parse_keys(f"a:{hash_key('s1')}:predict, b:{hash_key('s2')}:admin")
+    assert [k.name for k in keys] == ["a", "b"] and all(len(k.sha256) == 64 for k in keys)
+    assert authorize(keys, "s1", "predict") is None
+    assert authorize(keys, "s1", "ingest") == (403, "key 'a' lacks the 'ingest' role")
+    assert authorize(keys, "s2", "ingest") is None, "admin may do everything"
+    assert authorize(keys, None, "predict")[0] == 401
+    assert authorize(keys, "nope", "predict") == (401, "unknown API key")
+    assert authorize([], None, "admin") is None, "no keys configured: open (local dev)"
+
+
+@pytest.mark.parametrize("entry", ["a:short:predict", "a:" + "0" * 64 + ":root", "only-name"])
+def test_malformed_key_entries_are_refused(entry):
+    with pytest.raises(ValueError):
+        parse_keys(entry)
+
+
+def test_capture_accepts_an_object_an_array_or_ndjson():
+    assert split_items(b'{"a": 1}', 10) == [(1, {"a": 1})]
+    assert split_items(b'[{"a": 1}, {"a": 2}]', 10) == [(1, {"a": 1}), (2, {"a": 2})]
+    assert split_items(b'{"a": 1}\n\n{"a": 2}\n', 10) == [(1, b'{"a": 1}'), (3, b'{"a": 2}')]
+    with pytest.raises(GatewayError) as too_many:
+        split_items(b"{}\n" * 11, 10)
+    assert too_many.value.status == 413
+    with pytest.raises(GatewayError) as empty:
+        split_items(b"  \n", 10)
+    assert empty.value.status == 422
+
+
+def test_each_invalid_line_is_reported_with_its_reason():
+    items = [
+        (1, {"event_id": "e", "event_type": "t", "ts_ms": 1, "entities": {"card": "c"}}),
+        (2, b"not json"),
+        (3, [1, 2]),
+        (4, {"event_id": "e"}),
+    ]
+    valid, rejected = validate_items(items, Event)
+    assert [line for line, _ in valid] == [1]
+    assert [(r["line"], r["error"]["code"]) for r in rejected] == [
+        (2, "malformed_json"),
+        (3, "schema_invalid"),
+        (4, "schema_invalid"),
+    ]
+
+
+def test_oip_matrix_and_per_feature_inputs_give_the_same_rows():
+    names = ["a", "b"]
+    matrix = InferTensor(name="input", shape=[2, 2], datatype="FP32", data=[[1, 2], [3, 4]])
+    columns = [
+        InferTensor(name="a", shape=[2], datatype="FP32", data=[1, 3]),
+        InferTensor(name="b", shape=[2, 1], datatype="INT32", data=[[2], [4]]),
+    ]
+    expected = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0}]
+    assert rows_from_inputs([matrix], names, "input") == expected
+    assert rows_from_inputs(columns, names, "input") == expected
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        InferTensor(name="input", shape=[2, 3], datatype="FP32", data=[0] * 6),
+        InferTensor(name="input", shape=[2, 2], datatype="FP32", data=[0] * 3),
+        InferTensor(name="input", shape=[1, 2], datatype="BYTES", data=["x", "y"]),
+        InferTensor(name="other", shape=[1, 2], datatype="FP32", data=[0, 0]),
+    ],
+)
+def test_oip_bad_inputs_are_400(tensor):
+    with pytest.raises(OipError) as caught:
+        rows_from_inputs([tensor], ["a", "b"], "input")
+    assert caught.value.status == 400
+
+
+def test_oip_outputs_keep_the_model_datatypes_and_shapes():
+    specs = [TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2))]
+    predictions = [
+        {"outputs": {"label": [1.0], "probabilities": [0.2, 0.8]}},
+        {"outputs": {"label": [0.0], "probabilities": [0.9, 0.1]}},
+    ]
+    assert output_tensors(predictions, specs, None) == [
+        {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]},
+        {
+            "name": "probabilities",
+            "datatype": "FP32",
+            "shape": [2, 2],
+            "data": [0.2, 0.8, 0.9, 0.1],
+        },
+    ]
+    with pytest.raises(OipError):
+        output_tensors(predictions, specs, ["logits"])
+
+
+def test_cli_prints_a_hashed_key_entry():
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    result = CliRunner().invoke(
+        app, ["gateway", "hash-key", "svc", "--roles", "predict+ingest", "--key", "s3cret"]
+    )
+    assert result.exit_code == 0
+    assert result.output.strip() == f"svc:{hash_key('s3cret')}:predict+ingest"
+    assert parse_keys(result.output.strip())[0].roles == {"predict", "ingest"}
