@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from schemas.topics import PREDICTIONS
 from services.common.kafka import consumer_config
 from services.common.settings import SluiceSettings
+from services.common.worker import collect_batch
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class ReplyListener:
 
     def _loop_forever(self) -> None:
         while not self._stop.is_set():
-            messages = self.consumer.consume(1000, 0.05)
+            # wait for the first reply only; then take what else is already here, no waiting
+            messages = collect_batch(self.consumer.poll, self.consumer.consume, 1000, 0.0, 0.05)
             replies = []
             for message in messages:
                 if message.error() is not None:
