@@ -1,0 +1,3 @@
+from services.monitor.app import main
+
+main()
