@@ -24,6 +24,11 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
 
+_PROVIDER_OPTIONS = {CUDA: {"use_tf32": "0"}, TENSORRT: {"trt_fp16_enable": "False"}}
+"""Full fp32 on the GPU: TF32 matmuls (on by default on Ampere and newer) move scores by ~1e-4,
+enough to flip decisions at a threshold and to break CPU/GPU parity checks."""
+
+
 def gpu_visible() -> bool:
     """Whether an NVIDIA driver is loaded here (without it CUDA providers can only fail)."""
     return Path("/dev/nvidiactl").exists()
@@ -78,7 +83,9 @@ class Engine:
         if providers[0] != CPU and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when that is where they are
         session = ort.InferenceSession(
-            str(path), sess_options=_session_options(intra_op_threads), providers=providers
+            str(path),
+            sess_options=_session_options(intra_op_threads),
+            providers=[(p, _PROVIDER_OPTIONS.get(p, {})) for p in providers],
         )
         device = "cuda" if session.get_providers()[0] in (CUDA, TENSORRT) else "cpu"
         if device == "cpu" and providers[0] != CPU:

@@ -30,12 +30,14 @@ def main(argv: list[str]) -> int:
         names = [n for n in names if any(w in n for w in wanted)]
     console = Console()
     results: dict[str, object] = {"machine": machine(), "started": time.time(), "tables": []}
+    modules = {name: importlib.import_module(f"tests.bench.{name}") for name in names}
+    needs_cluster = any(getattr(m, "NEEDS_CLUSTER", True) for m in modules.values())
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as scratch:
         config = ClusterConfig.with_free_ports(Path(scratch) / "cluster")
-        up(config, auto_install=False)
+        if needs_cluster:
+            up(config, auto_install=False)
         try:
-            for name in names:
-                module = importlib.import_module(f"tests.bench.{name}")
+            for name, module in modules.items():
                 console.print(f"[bold]running {name}[/bold]")
                 workdir = Path(scratch) / name
                 workdir.mkdir()
@@ -51,7 +53,8 @@ def main(argv: list[str]) -> int:
                         console.print(f"  {note}")
                     results["tables"].append({"module": name, **table.as_dict()})
         finally:
-            down(config, wipe=True)
+            if needs_cluster:
+                down(config, wipe=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     console.print(f"results written to {RESULTS}")

@@ -6,8 +6,10 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deploy.local.cluster import ClusterConfig
+if TYPE_CHECKING:  # the cluster is only a type here: benchmarks without one run anywhere
+    from deploy.local.cluster import ClusterConfig
 
 
 @dataclass
