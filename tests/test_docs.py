@@ -31,3 +31,12 @@ def test_storage_doc_lists_every_clickhouse_table():
     doc = (REPO / "docs" / "storage.md").read_text()
     for table in TABLES:
         assert re.search(rf"^\| `{table}` \|", doc, re.M), f"table {table} missing"
+
+
+def test_configuration_reference_is_generated_from_every_settings_class():
+    from services.config_docs import render
+
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == render(), (
+        "regenerate: python -m services.config_docs > docs/configuration.md"
+    )

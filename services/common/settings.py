@@ -69,15 +69,23 @@ class SluiceSettings(BaseSettings):
     )
 
 
-def settings_table(settings_class: type[BaseSettings] = SluiceSettings) -> str:
-    """A Markdown table of every setting: env var, default, description (for README/docs)."""
+def settings_table(
+    settings_class: type[BaseSettings] = SluiceSettings, own_only: bool = False
+) -> str:
+    """A Markdown table of every setting: env var, default, description (for README/docs).
+
+    `own_only` leaves out the fields a subclass inherits from `SluiceSettings`.
+    """
     prefix = settings_class.model_config.get("env_prefix", "")
     rows = ["| variable | default | meaning |", "|---|---|---|"]
+    base = SluiceSettings.model_fields if own_only else {}
     for name, field in settings_class.model_fields.items():
+        if name in base and field.default == base[name].default:
+            continue
         default = field.default
         if isinstance(default, SecretStr):
             default = "(empty)" if not default.get_secret_value() else "(set)"
-        shown = "" if default is None else f"`{default}`"
+        shown = "" if default is None or default == "" else f"`{default}`"
         rows.append(f"| `{prefix}{name.upper()}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)
 

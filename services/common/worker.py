@@ -280,6 +280,7 @@ class KafkaWorker:
         self.assigned: set[tuple[str, int]] = set()
         self._stopping = threading.Event()
         self._delivery_errors: list[tuple[Output, KafkaError]] = []
+        self._last_offsets: dict[tuple[str, int], int] = {}
         self.producer = producer or make_producer(settings)
         config = consumer_config(settings, group_id, **(consumer_overrides or {}))
         if statistics_interval_ms > 0:
@@ -310,6 +311,12 @@ class KafkaWorker:
     def close(self) -> None:
         """Flush the producer and leave the consumer group."""
         self.producer.flush(10)
+        if self._last_offsets:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._last_offsets.items()]
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("final commit failed", extra={"error": str(exc)})
         self.consumer.close()
         log.info("worker stopped", extra={"group": self.group_id})
 
@@ -331,17 +338,21 @@ class KafkaWorker:
         started = time.perf_counter()
         records: list[Record] = []
         outputs: list[Output] = []
+        consumed: dict[str, int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error", extra={"error": str(error)})
                 continue
+            consumed[message.topic()] = consumed.get(message.topic(), 0) + 1
             record_or_letter = self._decode(message)
             if isinstance(record_or_letter, Output):
                 outputs.append(record_or_letter)
             else:
                 records.append(record_or_letter)
+        for topic, count in consumed.items():
+            self.metrics.consumed.labels(topic).inc(count)
         try:
             if records:
                 outputs.extend(self._handle(records))
@@ -358,7 +369,6 @@ class KafkaWorker:
 
     def _decode(self, message: Message) -> Record | Output:
         topic = message.topic()
-        self.metrics.consumed.labels(topic).inc()
         raw = message.value()
         schema = self.decoders.get(topic)
         try:
@@ -450,21 +460,41 @@ class KafkaWorker:
 
     # -- delivery -------------------------------------------------------------------------------
 
-    def _on_delivery(self, output: Output) -> Callable[[KafkaError | None, Message], None]:
-        def callback(error: KafkaError | None, _message: Message) -> None:
-            if error is not None:
-                self._delivery_errors.append((output, error))
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        """One callback for every output: a failed message is rebuilt from the report itself,
+        so the hot path creates no closure per message."""
+        if error is not None:
+            output = Output(
+                topic=message.topic(),
+                value=message.value(),
+                key=message.key(),
+                headers=dict(message.headers() or ()),
+                partition=message.partition() if message.partition() >= 0 else None,
+            )
+            self._delivery_errors.append((output, error))
 
-        return callback
-
-    def _produce(self, output: Output, on_delivery) -> None:
+    def _produce(self, output: Output) -> None:
         value = output.value if isinstance(output.value, bytes) else encode(output.value)
-        kwargs: dict[str, Any] = {"key": output.key, "headers": output.headers}
-        if output.partition is not None:
-            kwargs["partition"] = output.partition
+        produce = self.producer.produce
         while True:
             try:
-                self.producer.produce(output.topic, value, on_delivery=on_delivery, **kwargs)
+                if output.partition is None:
+                    produce(
+                        output.topic,
+                        value,
+                        output.key,
+                        headers=output.headers,
+                        on_delivery=self._on_delivery,
+                    )
+                else:
+                    produce(
+                        output.topic,
+                        value,
+                        output.key,
+                        output.partition,
+                        headers=output.headers,
+                        on_delivery=self._on_delivery,
+                    )
                 return
             except BufferError:
                 self.producer.poll(0.05)
@@ -477,7 +507,7 @@ class KafkaWorker:
             self._delivery_errors = []
             for output in pending:
                 try:
-                    self._produce(output, self._on_delivery(output))
+                    self._produce(output)
                 except KafkaException as exc:
                     self._delivery_errors.append((output, exc.args[0]))
             while self.producer.flush(1.0) > 0:
@@ -508,11 +538,16 @@ class KafkaWorker:
         return retry
 
     def _commit(self, messages: Sequence[Message]) -> None:
+        """Commit after the batch's outputs were acknowledged. Asynchronous: the next batch
+        does not wait for the broker's answer (librdkafka keeps commits in order), and a lost
+        commit only means a replay; `close` commits the last offsets synchronously."""
         offsets = commit_offsets(messages)
         if not offsets:
             return
+        for tp in offsets:
+            self._last_offsets[(tp.topic, tp.partition)] = tp.offset
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             # Typically a rebalance took the partition: its new owner replays from the last
             # committed offset, so nothing is lost (at least once).
@@ -526,6 +561,8 @@ class KafkaWorker:
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned -= {(p.topic, p.partition) for p in partitions}
+        for p in partitions:
+            self._last_offsets.pop((p.topic, p.partition), None)
 
     def _on_statistics(self, stats_json: str) -> None:
         for (topic, partition), lag in lag_from_statistics(orjson.loads(stats_json)).items():

@@ -199,19 +199,20 @@ class Gateway:
                 "deadline_ms": str(now_ms + timeout_ms),
                 "reply_partition": str(self.replies.next_partition()),
             }
-            try:
-                await self.producer.produce(
-                    self.requests_topic, encode_obj(body), key=item.entity_id, headers=headers
-                )
-            except DeliveryError as exc:
-                self.replies.forget(request_id)
-                self.metrics.requests.labels("broker_error").inc()
-                return _item_error(
-                    request_id, 503, "broker_unavailable", f"the request could not be queued: {exc}"
-                )
-        remaining_s = timeout_ms / 1000 - (time.perf_counter() - started)
+            ack = self.producer.produce_nowait(
+                self.requests_topic, encode_obj(body), key=item.entity_id, headers=headers
+            )
+        else:
+            ack = None
+        deadline = started + timeout_ms / 1000
         try:
-            prediction = await asyncio.wait_for(asyncio.shield(reply), max(0.0, remaining_s))
+            prediction = await _reply_or_failure(reply, ack, deadline)
+        except DeliveryError as exc:
+            self.replies.forget(request_id)
+            self.metrics.requests.labels("broker_error").inc()
+            return _item_error(
+                request_id, 503, "broker_unavailable", f"the request could not be queued: {exc}"
+            )
         except TimeoutError:
             if not awaiting:
                 self.replies.forget(request_id)
@@ -275,6 +276,22 @@ class Gateway:
             len(self._recent) > 100_000 or next(iter(self._recent.values()))[0] < now
         ):
             self._recent.popitem(last=False)
+
+
+async def _reply_or_failure(
+    reply: asyncio.Future[dict], ack: asyncio.Future[None] | None, deadline: float
+) -> dict:
+    """The reply, without waiting for the request's acknowledgement first (a reply proves
+    delivery); raises DeliveryError if the broker refused the request, TimeoutError at the
+    deadline. Neither future is cancelled: others may wait on the same reply."""
+    if ack is not None:
+        ack.add_done_callback(lambda done: done.exception())  # retrieved even if unused
+        remaining = max(0.0, deadline - time.perf_counter())
+        await asyncio.wait({ack, reply}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if ack.done() and ack.exception() is not None and not reply.done():
+            raise ack.exception()
+    remaining = max(0.0, deadline - time.perf_counter())
+    return await asyncio.wait_for(asyncio.shield(reply), remaining)
 
 
 def _item_error(request_id: str, status: int, code: str, message: str, details=None) -> dict:
