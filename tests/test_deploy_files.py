@@ -1,17 +1,26 @@
-"""Static checks of the deploy files: the docker-compose dev cluster, Prometheus and Grafana.
+"""Static checks of the deploy files: the Dockerfile, the docker-compose dev cluster,
+Prometheus and Grafana.
 
 Nothing here needs Docker or a running cluster. The compose file is read with pyyaml and held to
 the conventions written at its top (pinned images, localhost-only ports, healthchecks, ordered
 start-up, existing mounted paths); the topics that `kafka-init` creates are compared with
-`schemas.topics.CATALOG`; the Prometheus and Grafana files are checked for shape and for
-agreeing with the paths the compose file mounts them at. Where `docker compose` (v2) or
-`docker-compose` (v1) is installed, `config -q` validates the compose file as well, and where
-`promtool` is installed it checks the Prometheus files.
+`schemas.topics.CATALOG`; each Sluiceway service's compose environment is read by the service's
+own settings class, which must find the compose infrastructure and listen where its healthcheck,
+published port and Prometheus target point; the Dockerfile is checked for pinned bases, a
+non-root user, the `python -m` entrypoint and a build context that admits what it copies; the
+Prometheus and Grafana files are checked for shape and for agreeing with the paths the compose
+file mounts them at. Where `docker compose` (v2) or `docker-compose` (v1) is installed,
+`config -q` validates the compose file as well, and where `promtool` is installed it checks the
+Prometheus files.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -23,12 +32,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from pydantic_settings import BaseSettings
 
 from schemas.topics import CATALOG
+from services.common.settings import SluiceSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
 PROMETHEUS_FILE = DEPLOY / "prometheus" / "prometheus.yml"
 RULES_DIR = DEPLOY / "prometheus" / "rules"
 GRAFANA_DIR = DEPLOY / "grafana"
@@ -347,6 +360,310 @@ def test_kafka_init_is_idempotent_and_waits_for_kafka() -> None:
         assert create.if_not_exists, f"{create.topic}: no --if-not-exists"
         assert create.replication_factor == 1, f"{create.topic}: single broker, factor must be 1"
         assert create.bootstrap == "kafka:9092", f"{create.topic}: bootstrap {create.bootstrap}"
+
+
+# --- compose: the Sluiceway services ------------------------------------------------------------
+
+SLUICEWAY_SERVICES = ("ingest", "features", "inference", "monitor", "rollout")
+# compose service -> the service package it runs
+SLUICEWAY_COMPOSE = {**{name: name for name in SLUICEWAY_SERVICES}, "inference-gpu": "inference"}
+MODEL_READERS = {"ingest", "inference", "inference-gpu", "monitor"}
+# The port each service listens on (settings field) and its bind-address field, if it has one.
+LISTEN = {
+    "ingest": ("ingest_port", "ingest_host"),
+    "features": ("features_http_port", "features_http_host"),
+    "inference": ("metrics_port", None),
+    "monitor": ("metrics_port", None),
+    "rollout": ("rollout_http_port", "rollout_http_host"),
+}
+
+
+def settings_class(package: str) -> type[BaseSettings]:
+    """The settings class of `services.<package>` (its subclass of SluiceSettings)."""
+    module = importlib.import_module(f"services.{package}.settings")
+    return next(
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, SluiceSettings)
+        and value.__module__ == module.__name__
+    )
+
+
+def setting_names() -> set[str]:
+    """Every `SLUICE_*` environment variable that some settings class reads."""
+    classes = [SluiceSettings, *(settings_class(name) for name in SLUICEWAY_SERVICES)]
+    return {f"SLUICE_{field.upper()}" for cls in classes for field in cls.model_fields}
+
+
+def settings_from(
+    env: dict[str, str], cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """`cls` as a process with exactly the `SLUICE_*` variables of `env` would read it."""
+    for name in [name for name in os.environ if name.upper().startswith("SLUICE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return cls()
+
+
+def dockerfile_of(service: dict[str, Any]) -> Path | None:
+    """The Dockerfile a service is built from, if it has `build`."""
+    build = service.get("build")
+    if build is None:
+        return None
+    spec = build if isinstance(build, dict) else {"context": build}
+    context = DEPLOY / interpolate(str(spec.get("context", ".")))
+    return (context / interpolate(str(spec.get("dockerfile", "Dockerfile")))).resolve()
+
+
+def test_compose_runs_every_sluiceway_service() -> None:
+    assert set(SLUICEWAY_COMPOSE) | {"clickhouse-init"} <= set(SERVICES)
+
+
+@pytest.mark.parametrize("name", [*SLUICEWAY_COMPOSE, "clickhouse-init"])
+def test_sluiceway_service_is_built_from_the_one_dockerfile(name: str) -> None:
+    service = SERVICES[name]
+    assert dockerfile_of(service) == DOCKERFILE.resolve()
+    assert service["build"]["context"] == "..", "the repository root is the build context"
+
+
+def test_no_two_built_services_share_an_image_tag() -> None:
+    """Compose builds services in parallel (bake): a shared tag fails a first build."""
+    tags = [interpolate(s["image"]) for s in SERVICES.values() if "build" in s and "image" in s]
+    assert len(tags) == len(set(tags)), f"shared image tags: {tags}"
+
+
+@pytest.mark.parametrize("name", SLUICEWAY_COMPOSE)
+def test_sluiceway_service_runs_its_module(name: str) -> None:
+    service = SERVICES[name]
+    package = SLUICEWAY_COMPOSE[name]
+    assert "entrypoint" not in service, "keep the image's `python -m` entrypoint"
+    assert service["command"] == [f"services.{package}"]
+    assert (REPO / "services" / package / "__main__.py").is_file()
+
+
+@pytest.mark.parametrize("name", [*SLUICEWAY_COMPOSE, "clickhouse-init"])
+def test_sluiceway_service_points_at_the_compose_infrastructure(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = SLUICEWAY_COMPOSE.get(name)
+    cls = settings_class(package) if package else SluiceSettings
+    settings = settings_from(environment(SERVICES[name]), cls, monkeypatch)
+    kafka_advertised = environment(SERVICES["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT://{settings.kafka_bootstrap}" in kafka_advertised.split(",")
+    redis = urlsplit(settings.redis_url)
+    assert (redis.hostname, redis.port) == ("redis", 6379)
+    clickhouse = environment(SERVICES["clickhouse"])
+    assert settings.clickhouse_host == "clickhouse"
+    assert settings.clickhouse_port == 9000
+    assert settings.clickhouse_database == clickhouse["CLICKHOUSE_DB"]
+    assert settings.clickhouse_user == clickhouse["CLICKHOUSE_USER"]
+    assert settings.clickhouse_password.get_secret_value() == clickhouse["CLICKHOUSE_PASSWORD"]
+    if name in MODEL_READERS:
+        roots = {str(settings.model_repository)}
+        if package == "monitor":
+            roots.add(str(settings.monitor_model_repository))
+        targets = {m.target: m for m in mounts(SERVICES[name])}
+        for root in roots:
+            assert root in targets, f"{name}: {root} is not mounted"
+        sources = {targets[root].source for root in roots}
+        assert sources == {"model-repository"}, f"{name}: mounts {sources}"
+        entries = [str(entry) for entry in SERVICES[name]["volumes"]]
+        assert all(e.endswith(":ro") for e in entries if ":/models" in e), "mount models read-only"
+
+
+@pytest.mark.parametrize("name", SLUICEWAY_COMPOSE)
+def test_sluiceway_service_listens_where_its_healthcheck_ports_and_prometheus_point(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = SLUICEWAY_COMPOSE[name]
+    settings = settings_from(environment(SERVICES[name]), settings_class(package), monkeypatch)
+    port_field, host_field = LISTEN[package]
+    port = getattr(settings, port_field)
+    if host_field:
+        assert getattr(settings, host_field) == "0.0.0.0", f"{name} must bind every interface"
+    check = SERVICES[name]["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"], "the slim image has no curl or wget"
+    assert f"http://127.0.0.1:{port}/readyz" in check[3]
+    for published_port in SERVICES[name].get("ports") or []:
+        assert published(published_port)[1] == str(port)
+    if name in SLUICEWAY_SERVICES:
+        assert f"{name}:{port}" in SCRAPE_TARGETS
+
+
+def test_http_services_are_published_and_consumers_are_not() -> None:
+    for name in ("ingest", "features", "rollout"):
+        assert SERVICES[name].get("ports"), f"{name} is not published"
+    for name in ("inference", "inference-gpu", "monitor"):
+        assert not SERVICES[name].get("ports"), f"{name}: Prometheus scrapes it inside"
+
+
+@pytest.mark.parametrize("name", SLUICEWAY_COMPOSE)
+def test_sluiceway_service_waits_for_its_topics_and_tables(name: str) -> None:
+    depends = SERVICES[name]["depends_on"]
+    assert "kafka-init" in depends
+    if SLUICEWAY_COMPOSE[name] in ("monitor", "rollout"):
+        assert "clickhouse-init" in depends
+    if SLUICEWAY_COMPOSE[name] in ("features", "inference", "rollout"):
+        assert "redis" in depends
+
+
+def test_clickhouse_init_creates_the_tables_once_clickhouse_is_healthy() -> None:
+    init = SERVICES["clickhouse-init"]
+    assert is_one_shot(init)
+    assert init["depends_on"] == {"clickhouse": {"condition": "service_healthy"}}
+    assert init["entrypoint"] == ["python", "-c"]
+    script = init["command"][0]
+    compile(script, "clickhouse-init", "exec")
+    for module in re.findall(r"^(?:from|import)\s+([\w.]+)", script, re.M):
+        assert importlib.util.find_spec(module) is not None, module
+    assert "create_statements" in script
+
+
+def test_gpu_profile_runs_inference_on_an_nvidia_gpu() -> None:
+    gpu = SERVICES["inference-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert all("profiles" not in SERVICES[name] for name in SERVICES if name != "inference-gpu")
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    env = environment(gpu)
+    assert env.pop("SLUICE_INFERENCE_PROVIDER") == "cuda"
+    cpu_env = environment(SERVICES["inference"])
+    assert cpu_env.pop("SLUICE_INFERENCE_PROVIDER") == "cpu"
+    assert env == cpu_env, "the GPU service differs from inference in its provider only"
+    base = gpu["build"]["args"]["BASE_IMAGE"]
+    # onnxruntime-gpu 1.31 wheels are built for CUDA 13 and cuDNN 9 (deploy/Dockerfile).
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base), base
+
+
+def test_every_configured_variable_is_a_setting() -> None:
+    """A misspelt `SLUICE_*` name would be ignored silently (`extra="ignore"`): catch it here."""
+    configured = {
+        key
+        for name in [*SLUICEWAY_COMPOSE, "clickhouse-init"]
+        for key in environment(SERVICES[name])
+    }
+    configured |= set(dockerfile_env())
+    unknown = {key for key in configured if key.startswith("SLUICE_")} - setting_names()
+    assert not unknown, f"not a setting of any service: {sorted(unknown)}"
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """`(INSTRUCTION, arguments)` pairs, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("#") or (not line.strip() and not pending):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    pairs = []
+    for text in logical:
+        instruction, _, arguments = text.strip().partition(" ")
+        pairs.append((instruction.upper(), arguments.strip()))
+    return pairs
+
+
+def final_stage() -> list[tuple[str, str]]:
+    """The instructions of the last stage (the image `docker build` produces by default)."""
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM")
+    return instructions[last_from:]
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The `ENV key=value` settings of the final stage."""
+    env = {}
+    for instruction, arguments in final_stage():
+        if instruction == "ENV":
+            for word in shlex.split(arguments):
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
+
+
+def test_dockerfile_base_images_are_pinned() -> None:
+    args: dict[str, str] = {}
+    stages: set[str] = set()
+    for instruction, arguments in dockerfile_instructions():
+        if instruction == "ARG" and "=" in arguments:
+            key, _, value = arguments.partition("=")
+            args[key] = value
+        if instruction == "FROM":
+            words = arguments.split()
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0])
+            if len(words) == 3 and words[1].upper() == "AS":
+                stages.add(words[2])
+            if image in stages:
+                continue
+            assert image_tag(image) and image_tag(image) != "latest", f"FROM {image}"
+    # Exact patch releases: a rebuild must not move to another Python or CUDA by itself.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", args["BASE_IMAGE"]), args["BASE_IMAGE"]
+
+
+def test_dockerfile_runs_a_service_module_as_a_non_root_user() -> None:
+    stage = final_stage()
+    instructions = [instruction for instruction, _ in stage]
+    users = [arguments for instruction, arguments in stage if instruction == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "run as a non-root user"
+    assert users[-1].split(":")[0].isdigit(), "a numeric uid lets Kubernetes check runAsNonRoot"
+    entrypoint = [arguments for instruction, arguments in stage if instruction == "ENTRYPOINT"]
+    assert [json.loads(e) for e in entrypoint] == [["python", "-m"]]
+    command = [json.loads(a) for instruction, a in stage if instruction == "CMD"]
+    assert command and command[-1][0].startswith("services.")
+    assert "HEALTHCHECK" not in instructions, "compose and Kubernetes define health"
+    env = dockerfile_env()
+    assert env["SLUICE_INGEST_HOST"] == "0.0.0.0", "a gateway on 127.0.0.1 is unreachable"
+
+
+def dockerignore_admits(path: str) -> bool:
+    """Whether the build context includes `path` (relative to the repo) under .dockerignore."""
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    parts = PurePosixPath(path).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    admitted = True
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        clean = pattern.lstrip("!").strip("/")
+        if any(fnmatch.fnmatchcase(candidate, clean) for candidate in candidates):
+            admitted = negated
+    return admitted
+
+
+def test_dockerfile_copies_files_that_exist_and_the_context_admits() -> None:
+    copied = []
+    for instruction, arguments in dockerfile_instructions():
+        if instruction not in ("COPY", "ADD"):
+            continue
+        words = [word for word in arguments.split() if not word.startswith("--")]
+        if "--from=" in arguments:
+            continue
+        copied += words[:-1]
+    assert {"pyproject.toml", "README.md", "schemas", "services", "deploy"} <= set(copied)
+    for source in copied:
+        assert (REPO / source).exists(), f"COPY {source}: no such path"
+        assert dockerignore_admits(source), f"COPY {source}: excluded by .dockerignore"
+    for private in (".sluice", "models", ".git", ".env", "tests"):
+        assert not dockerignore_admits(private), f"{private} must stay out of the build context"
+    assert not dockerignore_admits("services/__pycache__")
+
+
+def test_compose_features_definitions_ship_in_the_image() -> None:
+    definitions = environment(SERVICES["features"])["SLUICE_FEATURES_DEFINITIONS"]
+    copied = [a.split()[-1] for i, a in final_stage() if i == "COPY" and "--from=" not in a]
+    assert any(PurePosixPath(definitions) == PurePosixPath(target) for target in copied)
+    assert (REPO / definitions).is_file()
 
 
 # --- compose: the tool's own validation ---------------------------------------------------------
