@@ -149,7 +149,13 @@ CREATE TABLE IF NOT EXISTS {db}.rollout_decisions (
     weight_versions Array(String),
     weights Array(Float64),
     decided_at DateTime,
-    decided_at_ms UInt64
+    decided_at_ms UInt64,
+    seq UInt32,
+    revision UInt64,
+    evidence_samples Array(UInt64),
+    gate_status Array(String),
+    plan_json String,
+    state_json String
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMMDD(decided_at)
 ORDER BY (model, rollout_id, decided_at_ms)

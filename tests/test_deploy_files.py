@@ -463,7 +463,7 @@ def test_sluiceway_service_points_at_the_compose_infrastructure(
     if name in MODEL_READERS:
         roots = {str(settings.model_repository)}
         if package == "monitor":
-            roots.add(str(settings.monitor_model_repository))
+            roots.add(str(settings.model_repository))
         targets = {m.target: m for m in mounts(SERVICES[name])}
         for root in roots:
             assert root in targets, f"{name}: {root} is not mounted"

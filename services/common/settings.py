@@ -82,7 +82,7 @@ def settings_table(
     for name, field in settings_class.model_fields.items():
         if name in base and field.default == base[name].default:
             continue
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         if isinstance(default, SecretStr):
             default = "(empty)" if not default.get_secret_value() else "(set)"
         shown = "" if default is None or default == "" else f"`{default}`"

@@ -120,7 +120,7 @@ def build_analyzer(settings: MonitorSettings, publish: Publish | None = None) ->
     return Analyzer(
         settings,
         Store.from_settings(settings),
-        References(settings.monitor_model_repository),
+        References(settings.model_repository),
         publish or alert_publisher(settings),
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -16,9 +15,6 @@ SinkTable = Literal["predictions", "labels", "events"]
 class MonitorSettings(SluiceSettings):
     """Where the monitor reads and writes, how it batches, windows and alerts."""
 
-    monitor_model_repository: Path = Field(
-        Path("models"), description="Root of the model repository (reference profiles)."
-    )
     monitor_group_id: str = Field(
         "sluice-monitor", description="Consumer group prefix; each sink uses `<prefix>.<table>`."
     )

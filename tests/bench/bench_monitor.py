@@ -171,7 +171,7 @@ def bench_drift(ctx: BenchContext) -> BenchTable:
                 "scored_at_ms": created.tolist(),
             },
         )  # fmt: skip
-    settings = _settings(ctx, monitor_model_repository=ctx.workdir, monitor_models=[model])
+    settings = _settings(ctx, model_repository=ctx.workdir, monitor_models=[model])
     analyzer = build_analyzer(settings, publish=lambda alerts: None)
     timings = []
     for _ in range(3):
