@@ -12,9 +12,8 @@ $(STAMP): pyproject.toml deploy/local/apt-packages.txt deploy/local/install.sh
 	PYTHON=$(PYTHON) bash deploy/local/install.sh
 	mkdir -p .sluice && rm -f .sluice/.installed-* && touch $@
 
-run: install ## start the local cluster (broker, Redis, ClickHouse) and show its status
-	$(PYTHON) -m services.cli dev up
-	$(PYTHON) -m services.cli dev status
+run: install ## the whole system on the local cluster with demo traffic and a live view
+	$(PYTHON) -m services.cli demo
 
 test: install ## the whole suite against a private local cluster started by the tests
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -493,6 +493,7 @@ def test_schemathesis_finds_no_server_error_on_any_endpoint(stack, tmp_path):
         capture_output=True,
         text=True,
         timeout=240,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "passed" in result.stdout

@@ -163,12 +163,22 @@ class MonitorClient:
         self, model: str, version: str, *, since_ms: int, until_ms: int
     ) -> Evidence:
         """Jensen-Shannon distance between the candidate's scores (canary and shadow routes) and
-        the champion route's, over the champion's score deciles in the range."""
+        the champion route's.
+
+        Bins: ten equal-width bins over [0, 1] when the champion's scores are probabilities
+        (every decile inside [0, 1]), else the champion's score deciles. Deciles of a
+        probability score collapse where the champion ties (a tree model on rare positives puts
+        most rows on one leaf) and split the region near 0 so finely that two models that agree
+        on every decision still look far apart; equal-width bins compare what the scores mean.
+        """
         params = {**_range(since_ms, until_ms), "model": model, "version": version}
         deciles, champion_rows = self.store.query(sql.CHAMPION_DECILES, params)[0]
         if champion_rows == 0:
             return Evidence(None, 0)
-        edges = sorted(set(float(edge) for edge in deciles))
+        if all(0.0 <= float(edge) <= 1.0 for edge in deciles):
+            edges = [round(0.1 * i, 1) for i in range(1, 10)]
+        else:
+            edges = sorted(set(float(edge) for edge in deciles))
         counts = np.zeros((2, len(edges) + 1))
         rows = self.store.query(
             sql.scores_versus_champion(len(edges)), {**params, **sql.edge_params(edges)}

@@ -1,0 +1,2 @@
+"""The real-time card-fraud demo: a reproducible transaction generator and its feature
+definitions (`features.yaml`)."""
