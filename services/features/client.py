@@ -2,10 +2,12 @@
 
 Layout (specified in docs/features.md, "Redis key layout"): one hash per entity instance,
 `sluice:fv:{entity}:{entity_id}`, holding for each feature `{feature}` -> the value as a decimal
-string and `{feature}@ts` -> the event time (epoch ms) of the newest event that contributed to
-it; the features service also writes `@ts` (the entity's clock, the same time for every feature
-of the entity). The entity's TTL is the key's expiry. Reads of many entities x many features
-take one pipelined round trip.
+string, and the event time (epoch ms) of the newest event behind it either per feature
+(`{feature}@ts`, as `write_features` seeds it) or once for the whole hash (`@ts`, as the features
+service writes it: every feature of an entity is computed as of the same clock). The service also
+writes all values as one JSON object (`@values`) for `read_online`'s one-field-per-entity
+reads. The entity's TTL is the key's expiry. Reads of many entities x many features take one
+pipelined round trip.
 
 Two readers: `read_features` returns what is stored (callers apply defaults themselves);
 `read_online` applies the definitions: declared defaults for missing or expired values, flagged
@@ -14,12 +16,14 @@ as defaulted, and the freshness of what was served.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
+import orjson
 from redis import Redis
 
-from services.features.definitions import FeatureRegistry
+from services.features.definitions import EntityPlan, FeatureRegistry
 
 KEY_PREFIX = "sluice:fv"
 TS_SUFFIX = "@ts"
@@ -74,7 +78,8 @@ def read_features(
     pipe = redis.pipeline(transaction=False)
     for names, indexes in groups.items():
         keys = [feature_key(wanted[i][0], wanted[i][1]) for i in indexes]
-        script(keys=keys, args=[*names, *(name + TS_SUFFIX for name in names)], client=pipe)
+        args = [*names, *(name + TS_SUFFIX for name in names), TS_SUFFIX]
+        script(keys=keys, args=args, client=pipe)
     replies = pipe.execute()
     reads: list[FeatureRead | None] = [None] * len(wanted)
     for (names, indexes), reply in zip(groups.items(), replies, strict=True):
@@ -134,6 +139,24 @@ class OnlineVector:
         return max(0.0, (now_ms - self.as_of_ms) / 1000)
 
 
+VALUES_FIELD = "@values"
+"""The features service also writes every value of an instance as one JSON object here, so the
+online read path fetches one field per entity instead of one per feature."""
+
+_ONLINE_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local row = redis.call('HMGET', key, '@values', '@ts')
+  if not row[1] then
+    local fields = redis.call('HMGET', key, unpack(ARGV))
+    for j = 1, #fields do row[j + 2] = fields[j] end
+  end
+  out[i] = row
+end
+return out
+"""
+
+
 def read_online(
     redis: Redis,
     registry: FeatureRegistry,
@@ -145,37 +168,68 @@ def read_online(
     A feature with no stored value, or whose entity's values are past the entity TTL at
     `now_ms` (event time, so it agrees with the offline computation), gets its declared default
     and is listed in `defaulted`. Raises `UnknownFeature` before any I/O for names the
-    definitions lack.
+    definitions lack. Items asking for the same names share one server-side call; per instance
+    it reads `@values` and `@ts` (as the features service writes them), or the named fields
+    (as `write_features` seeds them).
     """
+    known = registry.plans
     plans = []
+    checked: set[tuple[str, tuple[str, ...]]] = set()
     for entity, _entity_id, names in wanted:
-        if entity not in registry.plans:
+        plan = known.get(entity)
+        if plan is None:
             raise UnknownFeature(f"no features are defined for entity {entity!r}")
-        plan = registry.plan(entity)
-        unknown = [name for name in names if name not in plan.defaults]
-        if unknown:
-            raise UnknownFeature(f"entity {entity!r} has no features {unknown}")
+        if (entity, tuple(names)) not in checked:
+            unknown = [name for name in names if name not in plan.defaults]
+            if unknown:
+                raise UnknownFeature(f"entity {entity!r} has no features {unknown}")
+            checked.add((entity, tuple(names)))
         plans.append(plan)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, (_entity, _id, names) in enumerate(wanted):
+        groups.setdefault(tuple(names), []).append(index)
+    script = redis.register_script(_ONLINE_SCRIPT)
     pipe = redis.pipeline(transaction=False)
-    for entity, entity_id, names in wanted:
-        pipe.hmget(feature_key(entity, entity_id), [*names, TS_SUFFIX])
-    vectors = []
-    for (entity, entity_id, names), plan, reply in zip(
-        wanted, plans, pipe.execute(), strict=True
-    ):
-        clock_raw = reply[-1]
-        clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else None
-        expired = clock is not None and now_ms - clock >= plan.ttl_ms
-        defaults = plan.defaults
-        values: dict[str, float] = {}
-        defaulted: list[str] = []
-        for name, raw in zip(names, reply, strict=False):
-            value = None if expired else _to_float(raw)
-            if value is None:
-                values[name] = defaults[name]
-                defaulted.append(name)
-            else:
-                values[name] = value
-        served_clock = None if expired or len(defaulted) == len(names) else clock
-        vectors.append(OnlineVector(entity, entity_id, values, tuple(defaulted), served_clock))
-    return vectors
+    for names, indexes in groups.items():
+        keys = [feature_key(wanted[i][0], wanted[i][1]) for i in indexes]
+        script(keys=keys, args=list(names), client=pipe)
+    vectors: list[OnlineVector | None] = [None] * len(wanted)
+    for (names, indexes), reply in zip(groups.items(), pipe.execute(), strict=True):
+        pick = itemgetter(*names) if len(names) > 1 else lambda d, n=names[0]: (d[n],)
+        for index, row in zip(indexes, reply, strict=True):
+            entity, entity_id, _names = wanted[index]
+            vectors[index] = _vector(entity, entity_id, names, pick, row, plans[index], now_ms)
+    return vectors  # type: ignore[return-value]
+
+
+def _vector(
+    entity: str,
+    entity_id: str,
+    names: tuple[str, ...],
+    pick: Callable[[dict], tuple],
+    row: list,
+    plan: EntityPlan,
+    now_ms: int,
+) -> OnlineVector:
+    """One instance's served values from its reply: `[@values, @ts, *named fields]`;
+    `pick` takes the named values out of a dict at C speed (KeyError if one is missing)."""
+    packed, clock_raw = row[0], row[1]
+    clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else None
+    defaults = plan.defaults
+    if clock is not None and now_ms - clock >= plan.ttl_ms:
+        return OnlineVector(entity, entity_id, {n: defaults[n] for n in names}, names, None)
+    if packed is not None:
+        stored = orjson.loads(packed)
+        try:
+            values = dict(zip(names, pick(stored), strict=True))
+            return OnlineVector(entity, entity_id, values, (), clock)
+        except KeyError:
+            found = {name: stored.get(name) for name in names}
+    else:
+        found = {name: _to_float(raw) for name, raw in zip(names, row[2:], strict=False)}
+    defaulted = tuple(name for name, value in found.items() if value is None)
+    if not defaulted:
+        return OnlineVector(entity, entity_id, found, (), clock)
+    values = {name: defaults[name] if value is None else value for name, value in found.items()}
+    served_clock = None if len(defaulted) == len(names) else clock
+    return OnlineVector(entity, entity_id, values, defaulted, served_clock)

@@ -1,0 +1,513 @@
+"""Sliding event-time windows per entity: the pure arithmetic shared by the stream and offline.
+
+Semantics (the contract that online values, offline training sets and the skew check share):
+
+- An entity instance (e.g. card `c1`) has a **clock**: the newest event time among the events
+  that some feature of that entity accepted. Every feature of the entity is evaluated *as of the
+  clock*: a feature with window `W` aggregates the accepted events with
+  `clock - W < ts <= clock` (open at the start, closed at the end). The clock only moves forward;
+  a value therefore describes "the entity as of its latest event", never "as of now".
+- A feature **accepts** an observation when its event type is one the feature listens to, every
+  `where` condition holds, the field it aggregates is usable (finite number for
+  sum/mean/min/max/last, any value for distinct_count), and the observation's **lateness** is at
+  most the feature's allowed lateness. Lateness is computed by the caller from the source
+  partition's watermark (`lateness_ms`); this module only compares it.
+- Observations are identified by `(event_type, event_id)`: a second copy of an observation the
+  window already holds is ignored, so replays and producer duplicates never double count.
+- Values do not depend on the order observations arrive in: sums are exact (integers in units of
+  2**-1074, correctly rounded like `math.fsum`), min/max/distinct/count are order-free, and `last`
+  picks the greatest `(ts, event_type, event_id)`. The stream (out of order) and the offline
+  computation (in time order) therefore produce bit-identical floats.
+- Empty windows: count, sum and distinct_count are 0.0; mean, min, max and last have no value
+  (`None`), which readers replace by the feature's declared default.
+- TTL: a value is expired (reads as missing) once `as_of - clock >= ttl` (`is_expired`).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right, insort
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+Value = float | str
+"""A canonical field value: numbers (and booleans) as float, text as str."""
+
+ObservationKey = tuple[str, str]
+"""`(event_type, event_id)`: the identity of an event, as in the ClickHouse `events` table."""
+
+
+class Aggregation(StrEnum):
+    """How a feature folds the values in its window into one number."""
+
+    count = "count"
+    sum = "sum"
+    mean = "mean"
+    min = "min"
+    max = "max"
+    last = "last"
+    distinct_count = "distinct_count"
+
+
+NUMERIC_AGGREGATIONS = frozenset(
+    {Aggregation.sum, Aggregation.mean, Aggregation.min, Aggregation.max, Aggregation.last}
+)
+"""Aggregations that need a finite number in their field."""
+
+
+class Op(StrEnum):
+    """Comparison of a `where` condition."""
+
+    eq = "eq"
+    ne = "ne"
+    in_ = "in"
+    not_in = "not_in"
+    lt = "lt"
+    le = "le"
+    gt = "gt"
+    ge = "ge"
+
+
+def canonical(value: object) -> Value | None:
+    """The value as features compare and aggregate it: bool/int/float -> float, str -> str.
+
+    Anything else (None, lists, objects) has no canonical form and reads as absent. This is also
+    how the ClickHouse `events` table stores fields (`num_values` Float64, `str_values` String),
+    so online and offline see the same values.
+    """
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """`field op value` on an observation's canonical field values."""
+
+    field: str
+    op: Op
+    value: Value | tuple[Value, ...]
+
+    def holds(self, values: Mapping[str, Value]) -> bool:
+        """Whether the condition is true; a missing field makes every condition false."""
+        actual = values.get(self.field)
+        if actual is None:
+            return False
+        op, expected = self.op, self.value
+        if op is Op.eq:
+            return actual == expected
+        if op is Op.ne:
+            return actual != expected
+        if op is Op.in_:
+            return actual in expected  # type: ignore[operator]
+        if op is Op.not_in:
+            return actual not in expected  # type: ignore[operator]
+        if not isinstance(actual, float) or not isinstance(expected, float):
+            return False
+        if op is Op.lt:
+            return actual < expected
+        if op is Op.le:
+            return actual <= expected
+        if op is Op.gt:
+            return actual > expected
+        return actual >= expected
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """One feature as the window arithmetic sees it (compiled from a `FeatureDefinition`)."""
+
+    name: str
+    aggregation: Aggregation
+    window_ms: int
+    lateness_ms: int = 0
+    field: str | None = None
+    event_types: frozenset[str] = frozenset()
+    conditions: tuple[Condition, ...] = ()
+
+    def accepts(self, observation: Observation) -> bool:
+        """Whether this feature counts `observation` (type, conditions, field, lateness)."""
+        if observation.event_type not in self.event_types:
+            return False
+        if observation.lateness_ms > self.lateness_ms:
+            return False
+        values = observation.values
+        for condition in self.conditions:
+            if not condition.holds(values):
+                return False
+        if self.aggregation is Aggregation.count:
+            return True
+        value = values.get(self.field) if self.field else None
+        if value is None:
+            return False
+        if self.aggregation is Aggregation.distinct_count:
+            return True
+        return isinstance(value, float) and math.isfinite(value)
+
+    def rejects_as_late(self, observation: Observation) -> bool:
+        """Whether `observation` would be accepted but for its lateness (for the late metric)."""
+        if observation.lateness_ms <= self.lateness_ms:
+            return False
+        on_time = Observation(
+            observation.ts, observation.event_type, observation.event_id, 0, observation.values
+        )
+        return self.accepts(on_time)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One event as seen by one entity: its time, identity, lateness and the fields needed."""
+
+    ts: int
+    event_type: str
+    event_id: str
+    lateness_ms: int = 0
+    values: Mapping[str, Value] = field(default_factory=dict)
+
+    @property
+    def key(self) -> ObservationKey:
+        """The identity that deduplicates copies of the same event."""
+        return (self.event_type, self.event_id)
+
+
+def lateness_ms(watermark: int | None, ts: int) -> int:
+    """How far behind the watermark an event is (0 when at or ahead of it, or no watermark).
+
+    The watermark of a source partition just before a record is the greatest event time of the
+    records before it in that partition (offset order).
+    """
+    if watermark is None or ts >= watermark:
+        return 0
+    return watermark - ts
+
+
+def watermarks_before(timestamps: Iterable[int]) -> Iterator[int | None]:
+    """For a partition's event times in offset order, the watermark just before each one."""
+    watermark: int | None = None
+    for ts in timestamps:
+        yield watermark
+        if watermark is None or ts > watermark:
+            watermark = ts
+
+
+def is_expired(clock: int | None, as_of_ms: int, ttl_ms: int) -> bool:
+    """Whether values computed at `clock` are past their TTL when read at `as_of_ms`."""
+    return clock is None or as_of_ms - clock >= ttl_ms
+
+
+_FIXED_POINT_BITS = 1074
+_FIXED_POINT_SCALE = 1 << _FIXED_POINT_BITS
+
+
+def fixed_point(x: float) -> int:
+    """A finite float exactly, as an integer number of 2**-1074 (every double is one)."""
+    numerator, denominator = x.as_integer_ratio()
+    return numerator << (_FIXED_POINT_BITS + 1 - denominator.bit_length())
+
+
+def from_fixed_point(total: int) -> float:
+    """The float nearest to `total * 2**-1074`: correctly rounded, so a sum kept in fixed point
+    equals `math.fsum` of the same values, whatever order they were added and removed in."""
+    return total / _FIXED_POINT_SCALE
+
+
+_COUNT, _SUM, _MEAN, _MIN, _MAX, _DISTINCT, _LAST = range(7)
+_KIND = {
+    Aggregation.count: _COUNT,
+    Aggregation.sum: _SUM,
+    Aggregation.mean: _MEAN,
+    Aggregation.min: _MIN,
+    Aggregation.max: _MAX,
+    Aggregation.distinct_count: _DISTINCT,
+    Aggregation.last: _LAST,
+}
+
+
+class WindowPlan:
+    """The features of one entity compiled once, shared by all its `EntityWindow`s.
+
+    `mask` gives the same answer as asking every `WindowSpec.accepts`, but evaluates each
+    distinct filter (event types, lateness, conditions) and each field once; windows of equal
+    length slide together.
+    """
+
+    __slots__ = ("specs", "names", "max_window_ms", "kinds", "_filters", "_fields", "_always",
+                 "slides", "_mask", "_members")  # fmt: skip
+
+    def __init__(self, specs: Sequence[WindowSpec]) -> None:
+        if not specs:
+            raise ValueError("an entity window needs at least one feature")
+        self.specs = tuple(specs)
+        self.names = [spec.name for spec in self.specs]
+        self.max_window_ms = max(spec.window_ms for spec in self.specs)
+        self.kinds = [_KIND[spec.aggregation] for spec in self.specs]
+        filters: dict[tuple, int] = {}
+        numeric: dict[str, int] = {}
+        present: dict[str, int] = {}
+        self._always = 0
+        slides: dict[int, list[tuple[int, int, str | None]]] = {}
+        for i, spec in enumerate(self.specs):
+            bit = 1 << i
+            key = (spec.event_types, spec.lateness_ms, spec.conditions)
+            filters[key] = filters.get(key, 0) | bit
+            kind = self.kinds[i]
+            if kind == _COUNT:
+                self._always |= bit
+            elif kind == _DISTINCT:
+                present[spec.field] = present.get(spec.field, 0) | bit  # type: ignore[index]
+            else:
+                numeric[spec.field] = numeric.get(spec.field, 0) | bit  # type: ignore[index]
+            if kind != _LAST:
+                slides.setdefault(spec.window_ms, []).append((i, kind, spec.field))
+        self._filters = [
+            (types, late, conds, bits) for (types, late, conds), bits in filters.items()
+        ]
+        self._fields = [
+            (name, numeric.get(name, 0), present.get(name, 0)) for name in {*numeric, *present}
+        ]
+        self.slides = sorted(slides.items())
+        """`(window_ms, [(feature index, kind, field)])`: features whose state slides together."""
+        self._mask = self._compile_mask()
+        self._members: dict[int, list[tuple[int, tuple[int, ...], tuple]]] = {}
+
+    def mask(self, observation: Observation) -> int:
+        """Bit `i` set when feature `i` accepts the observation (see `WindowSpec.accepts`)."""
+        return self._mask(observation)
+
+    def members(self, mask: int) -> list[tuple[int, tuple[int, ...], tuple]]:
+        """For each slide group (in `slides` order): its window, the counts to bump and the
+        other features `(index, kind, field)` that an observation with `mask` feeds."""
+        found = self._members.get(mask)
+        if found is None:
+            found = []
+            for window_ms, members in self.slides:
+                chosen = [m for m in members if mask >> m[0] & 1]
+                counted = tuple(i for i, kind, _ in chosen if kind == _COUNT)
+                others = tuple(m for m in chosen if m[1] != _COUNT)
+                found.append((window_ms, counted, others))
+            self._members[mask] = found
+        return found
+
+    def _compile_mask(self) -> Callable[[Observation], int]:
+        """Generate the body of `mask` as straight-line Python, once per entity.
+
+        The stream evaluates it for every observation, so loops over features, fields and
+        conditions are unrolled. User values never become source text: constants are passed in
+        the function's namespace by name.
+        """
+        namespace: dict[str, object] = {"_finite": math.isfinite}
+        lines = [
+            "def mask(observation):",
+            "    values = observation.values",
+            "    event_type = observation.event_type",
+            "    lateness = observation.lateness_ms",
+            f"    usable = {self._always}",
+        ]
+        for n, (name, numeric_bits, present_bits) in enumerate(self._fields):
+            namespace[f"F{n}"] = name
+            lines += [
+                f"    value = values.get(F{n})",
+                "    if value is not None:",
+                f"        usable |= {present_bits}",
+                "        if value.__class__ is float and _finite(value):",
+                f"            usable |= {numeric_bits}",
+            ]
+        lines.append("    bits = 0")
+        for g, (types, allowed, conditions, bits) in enumerate(self._filters):
+            namespace[f"T{g}"] = types
+            tests = [f"event_type in T{g}", f"lateness <= {allowed}"]
+            for c, condition in enumerate(conditions):
+                field_name, constant = f"CF{g}_{c}", f"CV{g}_{c}"
+                namespace[field_name] = condition.field
+                namespace[constant] = condition.value
+                tests.append(_condition_source(condition.op, f"values.get({field_name})", constant))
+            lines += [f"    if {' and '.join(tests)}:", f"        bits |= {bits}"]
+        lines.append("    return bits & usable")
+        exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own templates
+        return namespace["mask"]  # type: ignore[return-value]
+
+
+def _condition_source(op: Op, value: str, constant: str) -> str:
+    """A Python expression for `value op constant` that is false when the value is missing."""
+    if op is Op.eq:
+        return f"{value} == {constant}"
+    if op is Op.ne:
+        return f"({value} is not None and {value} != {constant})"
+    if op is Op.in_:
+        return f"{value} in {constant}"
+    if op is Op.not_in:
+        return f"({value} is not None and {value} not in {constant})"
+    symbol = {Op.lt: "<", Op.le: "<=", Op.gt: ">", Op.ge: ">="}[op]
+    return f"({value}.__class__ is float and {value} {symbol} {constant})"
+
+
+class EntityWindow:
+    """The sliding windows of every feature of one entity instance, updated incrementally.
+
+    `apply` folds one observation in (out of order is fine) and returns whether anything
+    changed; `values()` gives every feature's value as of `clock`. The observations still inside
+    the largest window are kept, so the state can be persisted and rebuilt by re-applying them
+    (`observations()`); `added`/`removed` record what changed since `clear_changes()`, for
+    incremental persistence.
+
+    Per feature it keeps the number of values in its window and, by aggregation, the exact sum
+    in fixed point (sum, mean), a sorted list (min, max) or value counts (distinct_count); `last`
+    is read from the time-ordered observations.
+    """
+
+    __slots__ = ("plan", "clock", "_times", "_order", "_held", "_n", "_state", "added",
+                 "removed")  # fmt: skip
+
+    def __init__(self, plan: WindowPlan) -> None:
+        self.plan = plan
+        self.clock: int | None = None
+        self._times: list[int] = []
+        self._order: list[tuple[int, str, str]] = []
+        self._held: dict[ObservationKey, tuple[Observation, int]] = {}
+        self._n = [0] * len(plan.kinds)
+        self._state: list = [
+            {} if kind == _DISTINCT else 0 if kind in (_SUM, _MEAN) else [] for kind in plan.kinds
+        ]
+        self.added: dict[ObservationKey, Observation] = {}
+        self.removed: set[ObservationKey] = set()
+
+    def apply(self, observation: Observation) -> bool:
+        """Fold `observation` into every feature that accepts it; False when it changes nothing
+        (accepted by none, a duplicate, or older than the largest window)."""
+        event_type, event_id, ts = observation.event_type, observation.event_id, observation.ts
+        key = (event_type, event_id)
+        held = self._held
+        if key in held:
+            return False
+        plan = self.plan
+        mask = plan.mask(observation)
+        if not mask:
+            return False
+        clock = self.clock
+        if clock is None:
+            self.clock = clock = ts
+        elif ts > clock:
+            self._slide(clock, ts)
+            self.clock = clock = ts
+        elif ts <= clock - plan.max_window_ms:
+            return False
+        order_key = (ts, event_type, event_id)
+        index = bisect_right(self._order, order_key)
+        self._times.insert(index, ts)
+        self._order.insert(index, order_key)
+        held[key] = (observation, mask)
+        self.added[key] = observation
+        values = observation.values
+        n, state = self._n, self._state
+        for window_ms, counted, others in plan.members(mask):
+            if ts <= clock - window_ms:
+                continue
+            for i in counted:
+                n[i] += 1
+            for i, kind, name in others:
+                n[i] += 1
+                value = values[name]
+                if kind in (_SUM, _MEAN):
+                    state[i] += fixed_point(value)
+                elif kind == _DISTINCT:
+                    counts = state[i]
+                    counts[value] = counts.get(value, 0) + 1
+                else:
+                    insort(state[i], value)
+        self._prune(clock - plan.max_window_ms)
+        return True
+
+    def _slide(self, old_clock: int, new_clock: int) -> None:
+        """Remove from each feature what its window leaves as the clock advances."""
+        times, order, held = self._times, self._order, self._held
+        n, state = self._n, self._state
+        members = self.plan.members
+        for group, (window_ms, _all) in enumerate(self.plan.slides):
+            start = bisect_right(times, old_clock - window_ms)
+            stop = bisect_right(times, new_clock - window_ms)
+            for j in range(start, stop):
+                _ts, event_type, event_id = order[j]
+                observation, mask = held[(event_type, event_id)]
+                _window, counted, others = members(mask)[group]
+                for i in counted:
+                    n[i] -= 1
+                values = observation.values
+                for i, kind, name in others:
+                    n[i] -= 1
+                    value = values[name]
+                    if kind in (_SUM, _MEAN):
+                        state[i] -= fixed_point(value)
+                    elif kind == _DISTINCT:
+                        counts = state[i]
+                        left = counts[value] - 1
+                        if left:
+                            counts[value] = left
+                        else:
+                            del counts[value]
+                    else:
+                        sorted_values = state[i]
+                        del sorted_values[bisect_right(sorted_values, value) - 1]
+
+    def _prune(self, horizon: int) -> None:
+        """Forget observations at or before `horizon` (outside every window already)."""
+        stop = bisect_right(self._times, horizon)
+        if not stop:
+            return
+        for _ts, event_type, event_id in self._order[:stop]:
+            key = (event_type, event_id)
+            del self._held[key]
+            if self.added.pop(key, None) is None:
+                self.removed.add(key)
+        del self._times[:stop]
+        del self._order[:stop]
+
+    def values(self) -> dict[str, float | None]:
+        """Every feature's value as of `clock`; `None` where the window has no value (all of
+        them before any observation was accepted)."""
+        if self.clock is None:
+            return dict.fromkeys(self.plan.names)
+        result: dict[str, float | None] = {}
+        n, state = self._n, self._state
+        for i, (name, kind) in enumerate(zip(self.plan.names, self.plan.kinds, strict=True)):
+            if kind == _COUNT:
+                result[name] = float(n[i])
+            elif kind == _SUM:
+                result[name] = from_fixed_point(state[i]) if n[i] else 0.0
+            elif kind == _MEAN:
+                result[name] = from_fixed_point(state[i]) / n[i] if n[i] else None
+            elif kind == _DISTINCT:
+                result[name] = float(len(state[i]))
+            elif kind == _MIN:
+                result[name] = state[i][0] if state[i] else None
+            elif kind == _MAX:
+                result[name] = state[i][-1] if state[i] else None
+            else:
+                result[name] = self._last(i)
+        return result
+
+    def _last(self, index: int) -> float | None:
+        spec = self.plan.specs[index]
+        start = self.clock - spec.window_ms  # type: ignore[operator]
+        bit = 1 << index
+        for j in range(len(self._order) - 1, -1, -1):
+            ts, event_type, event_id = self._order[j]
+            if ts <= start:
+                return None
+            observation, mask = self._held[(event_type, event_id)]
+            if mask & bit:
+                return observation.values[spec.field]  # type: ignore[index,return-value]
+        return None
+
+    def observations(self) -> list[Observation]:
+        """The observations held (inside the largest window), oldest first."""
+        return [self._held[(t, i)][0] for _ts, t, i in self._order]
+
+    def clear_changes(self) -> None:
+        """Forget `added`/`removed` once they are persisted."""
+        self.added = {}
+        self.removed = set()

@@ -1,0 +1,111 @@
+"""The online store against a real Redis: the read path inference uses, and the atomic commit
+that keeps values, window state and offset markers together."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis import Redis
+
+from services.features.client import (
+    UnknownFeature,
+    feature_key,
+    read_features,
+    read_online,
+    write_features,
+)
+from services.features.definitions import FeatureRegistry
+from services.features.store import CommitBatch, CommitConflict, StateStore, marker_key
+from tests.support import unique
+from tests.test_features_support import DEMO_DEFINITIONS
+
+pytestmark = pytest.mark.integration
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+def redis(cluster) -> Redis:
+    return Redis.from_url(cluster.redis_url)
+
+
+def store_values(redis: Redis, entity: str, entity_id: str, values: dict, clock: int) -> None:
+    """What the features service writes for one entity (docs/features.md)."""
+    mapping = {name: repr(value) for name, value in values.items()} | {"@ts": str(clock)}
+    mapping["~transaction\x1fe1"] = "[0,0,{}]"
+    redis.hset(feature_key(entity, entity_id), mapping=mapping)
+
+
+def test_read_online_serves_many_entities_with_defaults_freshness_and_ttl(redis):
+    registry = FeatureRegistry.load(DEMO_DEFINITIONS)
+    now = int(time.time() * 1000)
+    prefix = unique("read")
+    names = registry.plan("card").names
+    fresh, stale = f"{prefix}-fresh", f"{prefix}-stale"
+    store_values(
+        redis, "card", fresh, {"card_txn_count_1h": 3.0, "card_last_amount": 9.5}, now - 5000
+    )
+    store_values(redis, "card", stale, {"card_txn_count_1h": 7.0}, now - 8 * DAY_MS)
+    store_values(redis, "merchant", f"{prefix}-m", {"merchant_txn_count_1h": 42.0}, now - 1000)
+    wanted = [
+        ("card", fresh, names),
+        ("card", stale, ["card_txn_count_1h"]),
+        ("card", f"{prefix}-nobody", ["card_txn_count_1h", "card_amount_mean_24h"]),
+        ("merchant", f"{prefix}-m", ["merchant_txn_count_1h", "merchant_amount_mean_24h"]),
+    ]
+    found, expired, missing, merchant = read_online(redis, registry, wanted, now)
+    assert found.values["card_txn_count_1h"] == 3.0
+    assert found.values["card_last_amount"] == 9.5
+    assert "card_txn_count_1h" not in found.defaulted
+    assert set(found.defaulted) == set(names) - {"card_txn_count_1h", "card_last_amount"}
+    assert found.freshness_s(now) == 5.0
+    assert expired.values == {"card_txn_count_1h": 0.0} and expired.defaulted
+    assert expired.as_of_ms is None, "past the entity TTL (7d) everything is defaulted"
+    assert missing.defaulted == ("card_txn_count_1h", "card_amount_mean_24h")
+    assert missing.freshness_s(now) is None
+    assert merchant.values == {"merchant_txn_count_1h": 42.0, "merchant_amount_mean_24h": 0.0}
+
+
+def test_read_online_refuses_unknown_names_before_touching_redis():
+    registry = FeatureRegistry.load(DEMO_DEFINITIONS)
+    offline = Redis(host="127.0.0.1", port=1)
+    with pytest.raises(UnknownFeature, match="no features"):
+        read_online(offline, registry, [("card", "c", ["card_mood"])], 0)
+    with pytest.raises(UnknownFeature, match="entity"):
+        read_online(offline, registry, [("planet", "p", ["size"])], 0)
+
+
+def test_read_features_sees_the_entity_clock_and_seeded_values_alike(redis):
+    prefix = unique("compat")
+    store_values(redis, "card", f"{prefix}-a", {"card_txn_count_1h": 2.0}, 1_000)
+    write_features(
+        redis, "card", f"{prefix}-b", {"card_txn_count_1h": 5.0}, {"card_txn_count_1h": 2_000}
+    )
+    a, b = read_features(
+        redis,
+        [
+            ("card", f"{prefix}-a", ["card_txn_count_1h"]),
+            ("card", f"{prefix}-b", ["card_txn_count_1h"]),
+        ],
+    )
+    assert (a.values, a.newest_event_ms) == ({"card_txn_count_1h": 2.0}, 1_000)
+    assert (b.values, b.newest_event_ms) == ({"card_txn_count_1h": 5.0}, 2_000)
+
+
+def test_a_commit_fenced_by_another_writer_writes_nothing(redis):
+    app = unique("fence")
+    store = StateStore(redis, app)
+    key = feature_key("card", f"{app}-c1")
+    first = CommitBatch()
+    first.fence(marker_key(app, 0), 0)
+    first.write(key, ["@ts", "5", "card_txn_count_1h", "1.0"], expire_at_ms=2**50)
+    store.commit(first)
+    stale = CommitBatch()
+    stale.fence(marker_key(app, 0), 0)
+    stale.write(key, ["card_txn_count_1h", "99.0"], ["@ts"])
+    with pytest.raises(CommitConflict):
+        store.commit(stale)
+    assert redis.hgetall(key) == {b"@ts": b"5", b"card_txn_count_1h": b"1.0"}
+    assert redis.hget(marker_key(app, 0), "version") == b"1"
+    assert redis.pttl(key) > 0
