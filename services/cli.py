@@ -5,12 +5,14 @@ from __future__ import annotations
 import typer
 
 from deploy.local.cli import app as dev_app
+from services.features.cli import app as features_app
 from services.inference.cli import app as models_app
 from services.ingest.cli import app as gateway_app
 from services.rollout.cli import app as rollout_app
 
 app = typer.Typer(help="Sluiceway: event-driven ML serving on Kafka.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev", help="The local dev cluster: broker, Redis, ClickHouse.")
+app.add_typer(features_app, name="features", help="Feature definitions: export, skew check.")
 app.add_typer(models_app, name="models", help="The model repository: register, import, list.")
 app.add_typer(gateway_app, name="gateway", help="The HTTP gateway: API keys.")
 app.add_typer(

@@ -40,3 +40,16 @@ def test_configuration_reference_is_generated_from_every_settings_class():
     assert committed == render(), (
         "regenerate: python -m services.config_docs > docs/configuration.md"
     )
+
+
+def test_every_cli_group_named_in_the_readme_answers_help():
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    readme = (REPO / "README.md").read_text()
+    groups = sorted(set(re.findall(r"^sluice (\w+)", readme, re.M)))
+    assert {"dev", "models", "rollout", "features", "gateway"} <= set(groups)
+    for group in groups:
+        result = CliRunner().invoke(app, [group, "--help"])
+        assert result.exit_code == 0, (group, result.output)
