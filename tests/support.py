@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -92,3 +93,23 @@ def read_topic(
     finally:
         consumer.close()
     return messages
+
+
+def json_bodies(messages: list[Message]) -> list[dict]:
+    """The JSON object values of `messages`, skipping anything else: shared catalog topics also
+    carry the deliberately malformed messages of other tests (dead-letter tests)."""
+    bodies = []
+    for message in messages:
+        try:
+            body = orjson.loads(message.value())
+        except (orjson.JSONDecodeError, TypeError):
+            continue
+        if isinstance(body, dict):
+            bodies.append(body)
+    return bodies
+
+
+def body_of(message: Message) -> dict:
+    """One message's JSON object, or {} for anything else (see `json_bodies`)."""
+    bodies = json_bodies([message])
+    return bodies[0] if bodies else {}

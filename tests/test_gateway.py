@@ -25,7 +25,7 @@ from services.inference.app import build
 from services.inference.settings import InferenceSettings
 from services.ingest.auth import hash_key
 from tests.helpers.models import CARD_FEATURES, FEATURES, MERCHANT_FEATURES, write_version
-from tests.support import read_topic, unique
+from tests.support import body_of, json_bodies, read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -131,12 +131,10 @@ def test_sync_predict_returns_the_score_logged_on_the_predictions_topic(cluster,
     logged = read_topic(
         cluster.kafka_bootstrap,
         PREDICTIONS.name,
-        lambda ms: any(orjson.loads(m.value())["request_id"] == request_id for m in ms),
+        lambda ms: any(body_of(m).get("request_id") == request_id for m in ms),
         30,
     )
-    prediction = next(
-        p for p in map(lambda m: orjson.loads(m.value()), logged) if p["request_id"] == request_id
-    )
+    prediction = next(p for p in json_bodies(logged) if p["request_id"] == request_id)
     assert prediction["score"] == answer["score"]
     again = httpx.post(
         f"{url}/v1/models/{model}/predict", json=body(1, request_id=request_id), timeout=10
@@ -184,11 +182,11 @@ def test_two_gateways_each_read_only_their_own_reply_partitions(cluster, stack):
         logged = read_topic(
             cluster.kafka_bootstrap,
             PREDICTIONS.name,
-            lambda ms: sent.keys() <= {orjson.loads(m.value())["request_id"] for m in ms},
+            lambda ms: sent.keys() <= {body_of(m).get("request_id") for m in ms},
             30,
         )
         for message in logged:
-            rid = orjson.loads(message.value())["request_id"]
+            rid = body_of(message).get("request_id")
             if rid in sent:
                 assert message.partition() in sent[rid]
     finally:
@@ -277,16 +275,16 @@ def test_ten_thousand_ndjson_events_land_on_the_topic(cluster, stack):
 
     def ours(messages):
         return {
-            orjson.loads(m.value())["event_id"]
+            body_of(m).get("event_id", "")
             for m in messages
-            if orjson.loads(m.value())["event_id"].startswith(tag)
+            if body_of(m).get("event_id", "").startswith(tag)
         }
 
     stored = read_topic(
         cluster.kafka_bootstrap, EVENTS.name, lambda ms: len(ours(ms)) >= 10_000, 60
     )
     assert len(ours(stored)) == 10_000
-    assert sum(orjson.loads(m.value())["event_id"].startswith(tag) for m in stored) == 10_000
+    assert sum(body_of(m).get("event_id", "").startswith(tag) for m in stored) == 10_000
 
 
 def test_a_batch_with_three_bad_lines_names_exactly_those_lines(cluster, stack):
@@ -311,10 +309,10 @@ def test_a_batch_with_three_bad_lines_names_exactly_those_lines(cluster, stack):
     stored = read_topic(
         cluster.kafka_bootstrap,
         LABELS.name,
-        lambda ms: sum(orjson.loads(m.value())["request_id"].startswith(tag) for m in ms) >= 7,
+        lambda ms: sum(body_of(m).get("request_id").startswith(tag) for m in ms) >= 7,
         30,
     )
-    assert sum(orjson.loads(m.value())["request_id"].startswith(tag) for m in stored) == 7
+    assert sum(body_of(m).get("request_id").startswith(tag) for m in stored) == 7
 
 
 def test_api_keys_enforce_roles(stack):

@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 import onnxruntime as ort
-import orjson
 import pytest
 from confluent_kafka import Producer
 from redis import Redis
@@ -28,7 +27,7 @@ from services.features.client import write_features
 from services.inference.app import build
 from services.inference.settings import InferenceSettings
 from tests.helpers.models import CARD_FEATURES, FEATURES, MERCHANT_FEATURES, write_version
-from tests.support import produce_all, read_topic, unique
+from tests.support import body_of, json_bodies, produce_all, read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +118,7 @@ def expected_vector(req: PredictionRequest, online) -> list[float]:
 
 def predictions_of(cluster, model: str, until) -> list[Prediction]:
     def mine(messages):
-        return [p for p in (orjson.loads(m.value()) for m in messages) if p["model"] == model]
+        return [p for p in json_bodies(messages) if p.get("model") == model]
 
     messages = read_topic(
         cluster.kafka_bootstrap, PREDICTIONS.name, lambda ms: until(mine(ms)), timeout_s=120
@@ -186,15 +185,11 @@ def test_bad_requests_get_error_predictions_and_the_consumer_keeps_going(cluster
     wanted = {r.request_id for r in cases.values()} | {good.request_id}
 
     def everything_seen(messages):
-        seen = {orjson.loads(m.value())["request_id"] for m in messages}
+        seen = {body_of(m).get("request_id") for m in messages}
         return wanted <= seen
 
     messages = read_topic(cluster.kafka_bootstrap, PREDICTIONS.name, everything_seen, 60)
-    results = {
-        p["request_id"]: p
-        for p in (orjson.loads(m.value()) for m in messages)
-        if p["request_id"] in wanted
-    }
+    results = {p["request_id"]: p for p in json_bodies(messages) if p.get("request_id") in wanted}
     for code, req in cases.items():
         error = results[req.request_id]["error"]
         assert error and error["code"] == code, (code, results[req.request_id])
@@ -254,13 +249,13 @@ def test_shadow_copies_are_scored_off_the_reply_path_after_a_routing_change(clus
     consumer_messages = read_topic(
         cluster.kafka_bootstrap,
         PREDICTIONS.name,
-        lambda ms: sum(orjson.loads(m.value())["request_id"] in wanted for m in ms) >= 100,
+        lambda ms: sum(body_of(m).get("request_id") in wanted for m in ms) >= 100,
         60,
     )
-    mine = [m for m in consumer_messages if orjson.loads(m.value())["request_id"] in wanted]
-    live = [m for m in mine if orjson.loads(m.value())["route"] == "champion"]
-    shadow = [m for m in mine if orjson.loads(m.value())["route"] == "shadow"]
+    mine = [m for m in consumer_messages if body_of(m).get("request_id") in wanted]
+    live = [m for m in mine if body_of(m).get("route") == "champion"]
+    shadow = [m for m in mine if body_of(m).get("route") == "shadow"]
     assert len(live) == len(shadow) == 50
     assert all(m.partition() == 3 for m in live), "live replies go to the reply partition"
     assert all(dict(m.headers())["route"] == b"shadow" for m in shadow)
-    assert {orjson.loads(m.value())["version"] for m in shadow} == {"2"}
+    assert {body_of(m).get("version") for m in shadow} == {"2"}

@@ -60,7 +60,7 @@ from services.rollout.app import RolloutApp, build
 from services.rollout.client import RolloutApiError, RolloutClient
 from services.rollout.publisher import routing_key
 from services.rollout.settings import RolloutSettings
-from tests.support import produce_all, read_topic, unique
+from tests.support import json_bodies, produce_all, read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -319,8 +319,11 @@ def predictions_for(cluster, requests: list[PredictionRequest]) -> list[dict]:
     model = requests[0].model
 
     def mine(messages) -> list[dict]:
-        bodies = (orjson.loads(m.value()) for m in messages)
-        return [b for b in bodies if b["model"] == model and b["request_id"] in wanted]
+        return [
+            b
+            for b in json_bodies(messages)
+            if b.get("model") == model and b.get("request_id") in wanted
+        ]
 
     def answered(messages) -> bool:
         return {b["request_id"] for b in mine(messages) if b["route"] != "shadow"} == wanted

@@ -100,6 +100,8 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as scratch:
         table = measure(Path(scratch), 2.0)
     result = {"machine": machine(), "tables": [table.as_dict()]}
-    Path(sys.argv[1] if len(sys.argv) > 1 else "engine.json").write_text(json.dumps(result, indent=2))
+    Path(sys.argv[1] if len(sys.argv) > 1 else "engine.json").write_text(
+        json.dumps(result, indent=2)
+    )
     for row in table.rows:
         print(*(f"{v:,.0f}" if isinstance(v, float) else v for v in row), sep=" | ")
