@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from clickhouse_driver import Client
 
+from services.common.clickhouse import clickhouse_client
 from services.common.settings import SluiceSettings
 from services.features.definitions import FeatureRegistry
 from services.features.windows import EntityWindow, Observation, is_expired, lateness_ms
@@ -52,15 +53,7 @@ class LoggedObservation:
 
 def connect_clickhouse(settings: SluiceSettings) -> Client:
     """A ClickHouse client from the shared settings."""
-    return Client(
-        settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        user=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value(),
-        secure=settings.clickhouse_secure,
-        connect_timeout=5,
-        send_receive_timeout=300,
-    )
+    return clickhouse_client(settings)
 
 
 class Watermarks:

@@ -19,6 +19,7 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import Error as DriverError
 
 from schemas.clickhouse import TABLES
+from services.common.clickhouse import clickhouse_client
 from services.common.settings import SluiceSettings
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,7 @@ class Store:
         The session's default database is left alone (statements name `{db}` explicitly), so
         connecting works before `ensure_tables` has created the database.
         """
-        client = Client(
-            settings.clickhouse_host,
-            port=settings.clickhouse_port,
-            user=settings.clickhouse_user,
-            password=settings.clickhouse_password.get_secret_value(),
-            secure=settings.clickhouse_secure,
-            connect_timeout=min(timeout_s, 5.0),
-            send_receive_timeout=timeout_s,
-            sync_request_timeout=timeout_s,
-        )
+        client = clickhouse_client(settings, timeout_s)
         return cls(client, settings.clickhouse_database)
 
     def insert(self, table: str, columns: Mapping[str, Sequence[Any]]) -> int:

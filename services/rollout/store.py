@@ -30,6 +30,7 @@ from clickhouse_driver.errors import Error as DriverError
 
 from schemas.clickhouse import TABLES
 from schemas.messages import RoutingEntry
+from services.common.clickhouse import clickhouse_client
 from services.common.settings import SluiceSettings
 from services.rollout.machine import Decision, RolloutState
 from services.rollout.plan import RolloutPlan, plan_from_dict
@@ -59,16 +60,7 @@ class ClickHouse:
     @classmethod
     def from_settings(cls, settings: SluiceSettings, timeout_s: float = 10.0) -> ClickHouse:
         """A session on the ClickHouse named by the shared `clickhouse_*` settings."""
-        client = Client(
-            settings.clickhouse_host,
-            port=settings.clickhouse_port,
-            user=settings.clickhouse_user,
-            password=settings.clickhouse_password.get_secret_value(),
-            secure=settings.clickhouse_secure,
-            connect_timeout=min(timeout_s, 5.0),
-            send_receive_timeout=timeout_s,
-            sync_request_timeout=timeout_s,
-        )
+        client = clickhouse_client(settings, timeout_s)
         return cls(client, settings.clickhouse_database)
 
     def execute(self, sql: str, params: Any = None, **kwargs: Any) -> list[tuple]:
