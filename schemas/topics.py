@@ -53,9 +53,10 @@ ROUTING = TopicSpec("sluice.routing", 1, "model", RoutingTable, cleanup_policy="
 MODELS = TopicSpec("sluice.models", 1, "model/version", ModelRegistered, cleanup_policy="compact")
 ALERTS = TopicSpec("sluice.alerts", 1, "model", Alert)
 DLQ = TopicSpec("sluice.dlq", 4, "source key", DeadLetter, retention_ms=30 * DAY_MS)
-FEATURES_CHANGELOG = TopicSpec(
-    "sluice.features.changelog", EVENTS.partitions, "entity id", None, cleanup_policy="compact"
+FEATURES_REPARTITION = TopicSpec(
+    "sluice.features.repartition", EVENTS.partitions, "entity", None, retention_ms=DAY_MS
 )
+"""Entity observations re-keyed by the features service so each entity has one writer."""
 
 CATALOG: tuple[TopicSpec, ...] = (
     REQUESTS,
@@ -66,7 +67,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     MODELS,
     ALERTS,
     DLQ,
-    FEATURES_CHANGELOG,
+    FEATURES_REPARTITION,
 )
 """Every topic Sluiceway owns."""
 

@@ -46,7 +46,7 @@ def stream(prefix: str, start_ms: int) -> list:
         disorder_ms=120_000,
         id_prefix=prefix,
     )
-    return list(generate(config, limit=4000))
+    return list(generate(config, limit=3000))
 
 
 def strip(prefix: str, stored: dict) -> dict:

@@ -15,7 +15,7 @@ from schemas.export import (
     schema_path,
 )
 from schemas.messages import MESSAGE_MODELS
-from schemas.topics import CATALOG, EVENTS, FEATURES_CHANGELOG
+from schemas.topics import CATALOG, EVENTS, FEATURES_REPARTITION
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGE_MODELS))
@@ -68,7 +68,7 @@ def test_catalog_names_are_unique_and_partition_counts_explicit():
     names = [spec.name for spec in CATALOG]
     assert len(names) == len(set(names))
     assert all(spec.partitions >= 1 for spec in CATALOG)
-    assert FEATURES_CHANGELOG.partitions == EVENTS.partitions
+    assert FEATURES_REPARTITION.partitions == EVENTS.partitions
 
 
 def test_compacted_topics_carry_no_retention():

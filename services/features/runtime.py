@@ -5,7 +5,7 @@ topics and the repartition topic in one consumer group, and give the same Redis 
 Measured on the 2-core build machine: faust's consumer creates two asyncio tasks per record
 (`Consumer._drain_messages` awaits `wait_first` for every record), which caps a faust agent at
 about 5,000 records/s per process before any work is done (plain aiokafka read the same topic at
-300,000/s); with the features work on top, the worker loop runtime is 2-3x faster per process
+300,000/s); with the features work on top, the worker loop runtime is ~3x faster per process
 (`tests/bench/bench_features.py`). Neither needs faust tables: the window state lives in Redis
 beside the values.
 """
@@ -34,7 +34,7 @@ from services.common.worker import FixedBatch, KafkaWorker, Output, Record, Retr
 from services.common.worker import dead_letter as dead_letter_output
 from services.features.definitions import FeatureRegistry
 from services.features.settings import FeaturesSettings
-from services.features.store import StateStore
+from services.features.store import CommitConflict, StateStore
 from services.features.stream import Applier, Router, SourceRecord
 
 log = logging.getLogger(__name__)
@@ -114,16 +114,15 @@ def build_worker(pipeline: Pipeline) -> KafkaWorker:
         shuffled = [(r.partition, r.value) for r in records if r.topic == repartition]
         outputs: list[Output] = []
         if source:
-            payloads = pipeline.router.route(source)
             outputs = [
                 Output(topic=repartition, value=payload, partition=partition)
-                for partition, payload in enumerate(payloads)
+                for partition, payload in pipeline.router.route(source)
             ]
         if shuffled:
             try:
                 pipeline.applier.apply(shuffled)
-            except RedisError as exc:
-                raise RetryableError(f"online store unavailable: {exc}") from exc
+            except (RedisError, CommitConflict) as exc:
+                raise RetryableError(f"online store unavailable or contended: {exc}") from exc
         return outputs
 
     decoders: dict[str, type[Event] | None] = {topic: Event for topic in pipeline.sources}
@@ -213,7 +212,7 @@ class FaustRuntime:
                 )
             deliveries = [await self.dlq.send(value=letter) for letter in letters]
             if records:
-                for partition, payload in enumerate(self.pipeline.router.route(records)):
+                for partition, payload in self.pipeline.router.route(records):
                     deliveries.append(
                         await self.repartition.send(value=payload, partition=partition)
                     )
@@ -251,8 +250,10 @@ async def _retrying(attempt: Callable[[], asyncio.Future], max_backoff_s: float 
         try:
             await attempt()
             return
-        except RedisError as exc:
-            log.warning("online store unavailable, retrying", extra={"error": str(exc)})
+        except (RedisError, CommitConflict) as exc:
+            log.warning(
+                "online store unavailable or contended, retrying", extra={"error": str(exc)}
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_backoff_s)
 

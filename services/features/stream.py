@@ -126,16 +126,33 @@ class _Metrics:
 
 
 class Router:
-    """Stage 1: source events -> one repartition message per repartition partition."""
+    """Stage 1: source events -> repartition messages, `partitions` per slice of the batch."""
 
-    def __init__(self, registry: FeatureRegistry, partitions: int) -> None:
+    def __init__(
+        self, registry: FeatureRegistry, partitions: int, records_per_message: int = 1000
+    ) -> None:
         self.plans: dict[str, EntityPlan] = dict(registry.plans)
         self.partitions = partitions
+        self.records_per_message = records_per_message
         self.metrics = _Metrics.create()
 
-    def route(self, records: Sequence[SourceRecord]) -> list[bytes]:
-        """Message `i` is for repartition partition `i`; records of each source partition must
-        come in offset order (they may interleave with other partitions')."""
+    def route(self, records: Sequence[SourceRecord]) -> list[tuple[int, bytes]]:
+        """`(repartition partition, message)` pairs, to produce in this order.
+
+        Records of each source partition must come in offset order (they may interleave with
+        other partitions'). The batch is cut into slices of `records_per_message` records, each
+        sent to every partition, which keeps messages far below the broker's 1 MB limit while
+        every message still describes a whole range of source offsets.
+        """
+        step = self.records_per_message
+        return [
+            (partition, payload)
+            for start in range(0, len(records), step)
+            for partition, payload in enumerate(self._route_slice(records[start : start + step]))
+        ]
+
+    def _route_slice(self, records: Sequence[SourceRecord]) -> list[bytes]:
+        """Message `i` is for repartition partition `i`."""
         sections: dict[tuple[str, int], list] = {}
         updates_by_target: list[dict[tuple[str, int], list]] = [{} for _ in range(self.partitions)]
         plans, partitions = self.plans, self.partitions

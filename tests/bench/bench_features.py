@@ -135,7 +135,7 @@ def _in_process(ctx: BenchContext, events: int) -> float:
     try:
         started = time.perf_counter()
         for start in range(0, len(records), 2000):
-            applier.apply(list(enumerate(router.route(records[start : start + 2000]))))
+            applier.apply(router.route(records[start : start + 2000]))
         return time.perf_counter() - started
     finally:
         gc.unfreeze()
