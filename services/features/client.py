@@ -48,15 +48,6 @@ class FeatureRead:
         return max(0.0, (now_ms - self.newest_event_ms) / 1000)
 
 
-_READ_SCRIPT = """
-local out = {}
-for i, key in ipairs(KEYS) do
-    out[i] = redis.call('HMGET', key, unpack(ARGV))
-end
-return out
-"""
-
-
 def read_features(
     redis: Redis, wanted: Sequence[tuple[str, str, Sequence[str]]]
 ) -> list[FeatureRead]:
@@ -74,29 +65,41 @@ def read_features(
     groups: dict[tuple[str, ...], list[int]] = {}
     for index, (_entity, _id, names) in enumerate(wanted):
         groups.setdefault(tuple(names), []).append(index)
-    script = redis.register_script(_READ_SCRIPT)
+    script = redis.register_script(_ONLINE_SCRIPT)
     pipe = redis.pipeline(transaction=False)
     for names, indexes in groups.items():
         keys = [feature_key(wanted[i][0], wanted[i][1]) for i in indexes]
-        args = [*names, *(name + TS_SUFFIX for name in names), TS_SUFFIX]
-        script(keys=keys, args=args, client=pipe)
+        script(keys=keys, args=[*names, *(name + TS_SUFFIX for name in names)], client=pipe)
     replies = pipe.execute()
     reads: list[FeatureRead | None] = [None] * len(wanted)
     for (names, indexes), reply in zip(groups.items(), replies, strict=True):
         count = len(names)
-        for index, fields in zip(indexes, reply, strict=True):
-            values = {name: _to_float(raw) for name, raw in zip(names, fields, strict=False)}
-            stamps = [int(raw) for raw in fields[count:] if raw is not None and raw.isdigit()]
-            reads[index] = FeatureRead(values, max(stamps) if stamps else None)
+        for index, row in zip(indexes, reply, strict=True):
+            reads[index] = _stored_read(names, count, row)
     return reads  # type: ignore[return-value]
 
 
-def _to_float(raw: bytes | str | None) -> float | None:
+def _stored_read(names: tuple[str, ...], count: int, row: list) -> FeatureRead:
+    """A `FeatureRead` from one reply row `[@values, @ts, *named values, *named @ts]`: the
+    service's one-field JSON when present (one parse per entity), else the named fields."""
+    packed, clock = row[0], row[1]
+    if packed is not None:
+        stored = orjson.loads(packed)
+        values = {name: _to_float(stored.get(name)) for name in names}
+        stamps = [clock]
+    else:
+        values = {name: _to_float(raw) for name, raw in zip(names, row[2:], strict=False)}
+        stamps = [clock, *row[2 + count :]]
+    newest = [int(raw) for raw in stamps if isinstance(raw, bytes | str) and raw.isdigit()]
+    return FeatureRead(values, max(newest) if newest else None)
+
+
+def _to_float(raw: bytes | str | float | None) -> float | None:
     if raw is None:
         return None
     try:
         return float(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         return None
 
 
