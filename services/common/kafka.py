@@ -8,9 +8,10 @@ takes about half of it) and manual offset storage (we commit only after outputs 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from services.common.settings import SluiceSettings
 
@@ -63,3 +64,15 @@ def consumer_config(settings: SluiceSettings, group_id: str, **overrides: Any) -
 def make_producer(settings: SluiceSettings, **overrides: Any) -> Producer:
     """A producer with `producer_config`; call `flush()` before exit."""
     return Producer(producer_config(settings, **overrides))
+
+
+def assign_from_beginning(consumer: Consumer, topics: Sequence[str]) -> set[tuple[str, int]]:
+    """Assign every partition of `topics` from offset 0 (no consumer group: each process reads
+    the whole topic, as control planes do with compacted topics); returns the partitions, which
+    a consumer with `enable.partition.eof` reports one by one once it has caught up."""
+    partitions = []
+    for topic in topics:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
+    consumer.assign(partitions)
+    return {(tp.topic, tp.partition) for tp in partitions}

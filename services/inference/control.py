@@ -12,12 +12,12 @@ import logging
 import threading
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError
 
 from schemas.messages import ModelRegistered, RoutingTable
 from schemas.topics import MODELS, ROUTING
 from services.common.codec import DecodeError, decode
-from services.common.kafka import consumer_config
+from services.common.kafka import assign_from_beginning, consumer_config
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
 
@@ -41,14 +41,7 @@ class ControlPlane:
 
     def start(self) -> None:
         """Assign both topics from their beginning and start following them."""
-        partitions = []
-        for spec in (MODELS, ROUTING):
-            metadata = self.consumer.list_topics(spec.name, timeout=10).topics[spec.name]
-            partitions += [
-                TopicPartition(spec.name, p, OFFSET_BEGINNING) for p in metadata.partitions
-            ]
-        self._pending_eof = {(tp.topic, tp.partition) for tp in partitions}
-        self.consumer.assign(partitions)
+        self._pending_eof = assign_from_beginning(self.consumer, [MODELS.name, ROUTING.name])
         self._thread.start()
 
     def stop(self) -> None:

@@ -18,14 +18,14 @@ import logging
 import threading
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError
 from redis import Redis
 from redis.exceptions import RedisError
 
 from schemas.messages import Alert, AlertState, RoutingTable
 from schemas.topics import ALERTS, ROUTING
 from services.common.codec import DecodeError, decode, encode
-from services.common.kafka import consumer_config, make_producer
+from services.common.kafka import assign_from_beginning, consumer_config, make_producer
 from services.rollout.machine import FiringAlert
 from services.rollout.settings import RolloutSettings
 
@@ -121,14 +121,7 @@ class ControlFollower:
 
     def start(self) -> None:
         """Assign both topics from their beginning and follow them."""
-        partitions = []
-        for spec in (ROUTING, ALERTS):
-            metadata = self.consumer.list_topics(spec.name, timeout=10).topics[spec.name]
-            partitions += [
-                TopicPartition(spec.name, p, OFFSET_BEGINNING) for p in metadata.partitions
-            ]
-        self._pending_eof = {(tp.topic, tp.partition) for tp in partitions}
-        self.consumer.assign(partitions)
+        self._pending_eof = assign_from_beginning(self.consumer, [ROUTING.name, ALERTS.name])
         self._thread.start()
 
     def stop(self) -> None:
