@@ -193,16 +193,24 @@ def test_two_gateways_each_read_only_their_own_reply_partitions(cluster, stack):
         second.stop()
 
 
+def owns_every_reply_partition(gateway: GatewayProcess, timeout_s: float = 30) -> None:
+    """Wait until the rebalance after another gateway left has settled on this one."""
+    deadline = time.monotonic() + timeout_s
+    while len(gateway.wait_ready()["reply_partitions"]) < 8 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def test_deadline_shorter_than_the_model_path_gives_504_and_the_server_stays_healthy(stack):
-    stack["gateway"].wait_ready()  # the previous test's second gateway left the group
+    owns_every_reply_partition(stack["gateway"])  # the previous test's second gateway left
     url, model = stack["gateway"].url, stack["model"]
     response = httpx.post(f"{url}/v1/models/{model}/predict?timeout_ms=1", json=body(3), timeout=10)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert httpx.get(f"{url}/healthz").status_code == 200
-    assert (
-        httpx.post(f"{url}/v1/models/{model}/predict", json=body(4), timeout=10).status_code == 200
+    healthy = httpx.post(
+        f"{url}/v1/models/{model}/predict?timeout_ms=5000", json=body(4), timeout=10
     )
+    assert healthy.status_code == 200, healthy.text
 
 
 def test_in_flight_flood_gets_429_then_recovers(stack):
@@ -241,7 +249,9 @@ def test_bad_requests_get_clear_4xx_errors(stack):
     locs = {d["loc"] for d in invalid.json()["error"]["details"]}
     assert "body.entity_id" in locs
     missing = httpx.post(
-        f"{url}/v1/models/{model}/predict", json=body(1, entity_id="gw-card-unknown"), timeout=10
+        f"{url}/v1/models/{model}/predict?timeout_ms=5000",
+        json=body(1, entity_id="gw-card-unknown"),
+        timeout=10,
     )
     assert missing.status_code == 422 and missing.json()["error"]["code"] == "missing_feature"
     huge = httpx.post(f"{url}/v1/events", content=b"x" * (9 * 1024 * 1024))
@@ -327,7 +337,7 @@ def test_api_keys_enforce_roles(stack):
     )
     try:
         secured.wait_ready()
-        url = f"{secured.url}/v1/models/{stack['model']}/predict"
+        url = f"{secured.url}/v1/models/{stack['model']}/predict?timeout_ms=5000"
         assert httpx.post(url, json=body(1)).status_code == 401
         assert httpx.post(url, json=body(1), headers={"x-api-key": "wrong"}).status_code == 401
         denied = httpx.post(url, json=body(1), headers={"authorization": f"Bearer {ingest_key}"})
@@ -364,6 +374,7 @@ def test_open_inference_protocol_infer_matches_a_direct_onnx_run(stack):
     matrix = np.random.default_rng(9).normal(size=(3, 20)).astype(np.float32)
     request = {
         "id": "oip-1",
+        "parameters": {"timeout_ms": 5000},
         "inputs": [
             {
                 "name": meta["inputs"][0]["name"],
@@ -398,6 +409,7 @@ def test_open_inference_protocol_infer_matches_a_direct_onnx_run(stack):
             for j, name in enumerate(FEATURES)
         ],
         "outputs": [{"name": "probabilities"}],
+        "parameters": {"timeout_ms": 5000},
     }
     response = httpx.post(f"{url}/v2/models/{model}/versions/1/infer", json=per_feature, timeout=10)
     assert response.status_code == 200, response.text
