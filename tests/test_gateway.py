@@ -115,7 +115,8 @@ def body(i: int, **extra) -> dict:
     rng = np.random.default_rng(i)
     features = {f"req_f{j}": float(v) for j, v in enumerate(rng.normal(size=8))}
     features["merchant_id"] = f"gw-merchant-{i % 20}"
-    return {"entity_id": f"gw-card-{i % 200}", "features": features, **extra}
+    # requests meant to succeed get 5 s: the 1 s default is tight on a loaded 2-core machine
+    return {"entity_id": f"gw-card-{i % 200}", "features": features, "timeout_ms": 5000, **extra}
 
 
 def test_sync_predict_returns_the_score_logged_on_the_predictions_topic(cluster, stack):
@@ -146,7 +147,9 @@ def test_batch_predict_answers_every_instance_in_order(stack):
     url, model = stack["gateway"].url, stack["model"]
     instances = [body(i, request_id=f"b-{uuid.uuid4().hex[:6]}-{i}") for i in range(20)]
     response = httpx.post(
-        f"{url}/v1/models/{model}/predict:batch", json={"instances": instances}, timeout=10
+        f"{url}/v1/models/{model}/predict:batch",
+        json={"instances": instances, "timeout_ms": 5000},
+        timeout=10,
     )
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
