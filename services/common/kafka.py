@@ -8,12 +8,16 @@ takes about half of it) and manual offset storage (we commit only after outputs 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from services.common.settings import SluiceSettings
+
+log = logging.getLogger(__name__)
 
 
 def client_config(settings: SluiceSettings) -> dict[str, Any]:
@@ -76,3 +80,29 @@ def assign_from_beginning(consumer: Consumer, topics: Sequence[str]) -> set[tupl
         partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
     consumer.assign(partitions)
     return {(tp.topic, tp.partition) for tp in partitions}
+
+
+def follow(
+    consumer: Consumer,
+    pending_eof: set[tuple[str, int]],
+    caught_up: threading.Event,
+    stop: threading.Event,
+    apply: Callable[[str, bytes | None], None],
+    poll_s: float = 0.1,
+) -> None:
+    """Feed every message of an `assign_from_beginning` consumer to `apply(topic, value)` until
+    `stop` is set; `caught_up` is set once each partition in `pending_eof` reported its end.
+    `apply` handles its own errors: one bad control message must not stop the follower."""
+    while not stop.is_set():
+        message = consumer.poll(poll_s)
+        if message is None:
+            continue
+        error = message.error()
+        if error is None:
+            apply(message.topic(), message.value())
+        elif error.code() == KafkaError._PARTITION_EOF:
+            pending_eof.discard((message.topic(), message.partition()))
+            if not pending_eof:
+                caught_up.set()
+        else:
+            log.warning("control topic error", extra={"error": str(error)})

@@ -12,12 +12,12 @@ import logging
 import threading
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer
 
 from schemas.messages import ModelRegistered, RoutingTable
 from schemas.topics import MODELS, ROUTING
 from services.common.codec import DecodeError, decode
-from services.common.kafka import assign_from_beginning, consumer_config
+from services.common.kafka import assign_from_beginning, consumer_config, follow
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
 
@@ -50,21 +50,13 @@ class ControlPlane:
         self.consumer.close()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            message = self.consumer.poll(0.2)
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    self._pending_eof.discard((message.topic(), message.partition()))
-                    if not self._pending_eof:
-                        self.caught_up.set()
-                continue
-            try:
-                self.apply(message.topic(), message.value())
-            except Exception:  # noqa: BLE001 - a bad control message must not stop the plane
-                log.exception("control message not applied", extra={"topic": message.topic()})
+        follow(self.consumer, self._pending_eof, self.caught_up, self._stop, self._apply_safely)
+
+    def _apply_safely(self, topic: str, value: bytes | None) -> None:
+        try:
+            self.apply(topic, value)
+        except Exception:  # noqa: BLE001 - a bad control message must not stop the plane
+            log.exception("control message not applied", extra={"topic": topic})
 
     def apply(self, topic: str, value: bytes | None) -> None:
         """Apply one control message (exposed for tests)."""

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from schemas.messages import Alert, AlertState, RoutingTable
 from schemas.topics import ALERTS, ROUTING
 from services.common.codec import DecodeError, decode, encode
-from services.common.kafka import assign_from_beginning, consumer_config, make_producer
+from services.common.kafka import assign_from_beginning, consumer_config, follow, make_producer
 from services.rollout.machine import FiringAlert
 from services.rollout.settings import RolloutSettings
 
@@ -148,23 +148,13 @@ class ControlFollower:
         )
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            message = self.consumer.poll(0.1)
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    self._pending_eof.discard((message.topic(), message.partition()))
-                    if not self._pending_eof:
-                        self.caught_up.set()
-                else:
-                    log.warning("control topic error", extra={"error": str(error)})
-                continue
-            try:
-                self.apply(message.topic(), message.value())
-            except DecodeError as exc:
-                log.warning("undecodable control message", extra={"error": exc.body.message})
+        follow(self.consumer, self._pending_eof, self.caught_up, self._stop, self._apply_safely)
+
+    def _apply_safely(self, topic: str, value: bytes | None) -> None:
+        try:
+            self.apply(topic, value)
+        except DecodeError as exc:
+            log.warning("undecodable control message", extra={"error": exc.body.message})
 
     def apply(self, topic: str, value: bytes | None) -> None:
         """Take in one message of either topic (exposed for tests)."""
