@@ -160,6 +160,26 @@ CREATE TABLE IF NOT EXISTS {db}.rollout_decisions (
 PARTITION BY toYYYYMMDD(decided_at)
 ORDER BY (model, rollout_id, decided_at_ms)
 """,
+    "retrains": """
+CREATE TABLE IF NOT EXISTS {db}.retrains (
+    run_id String,
+    model String,
+    seq UInt32,
+    step String,
+    status String,
+    alert_id String,
+    alert_kind String,
+    alert_metric String,
+    feature String,
+    version String,
+    rollout_id String,
+    detail String,
+    at DateTime,
+    at_ms UInt64
+) ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(at)
+ORDER BY (model, run_id, seq)
+""",
 }
 """DDL of every table, by name; `{db}` is the database."""
 
