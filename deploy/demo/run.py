@@ -8,7 +8,10 @@
    goes to `sluice.events`, and its label follows after the stream's label delay; a drift is
    injected after `--drift-after` seconds;
 5. starts a rollout of v2 from `deploy/demo/rollout.yaml` (shadow, then canary steps);
-6. shows a live view until Ctrl-C or `--minutes`, then stops everything it started.
+6. closes the loop: once no rollout is active, a drift or quality alert on the champion makes
+   the rollout controller run `deploy/demo/retrain.py` (train on recent labelled traffic,
+   register the next version) and roll that version out with the same plan;
+7. shows a live view until Ctrl-C or `--minutes`, then stops everything it started.
 
 Event time runs `speed` times faster than the wall clock (a demo day in a few minutes), so
 windows, TTLs and label delays keep the meaning they had in training.
@@ -42,6 +45,7 @@ from deploy.local.cluster import ClusterConfig, status, up
 from deploy.local.cluster import down as cluster_down
 from schemas.messages import RouteRole, RoutingEntry, RoutingTable
 from schemas.topics import ALERTS, EVENTS, REQUESTS, ROUTING
+from services.common.clickhouse import clickhouse_client
 from services.common.codec import encode, encode_obj
 from services.common.settings import SluiceSettings
 from services.inference.registry import kafka_publisher, register, versions
@@ -166,6 +170,10 @@ def services(cluster: ClusterConfig, ports: Ports, root: Path, state_dir: Path) 
                 **base,
                 "SLUICE_ROLLOUT_HTTP_PORT": str(ports.rollout),
                 "SLUICE_ROLLOUT_EVAL_INTERVAL_S": "2",
+                # The closed loop: a drift or quality alert on the champion retrains it.
+                "SLUICE_ROLLOUT_RETRAIN_HOOK": f"{sys.executable} -m deploy.demo.retrain",
+                "SLUICE_ROLLOUT_RETRAIN_PLAN": str(ROLLOUT_PLAN),
+                "SLUICE_ROLLOUT_RETRAIN_COOLDOWN_S": "300",
             },
             f"{local}:{ports.rollout}/healthz",
         ),
@@ -386,6 +394,7 @@ class LiveView:
         self.inference = Scrape(f"{local}:{ports.inference_metrics}/metrics")
         self.features = Scrape(f"{local}:{ports.features}/metrics")
         self.alerts: deque[str] = deque(maxlen=6)
+        self._client = None
         self._alert_consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -434,21 +443,22 @@ class LiveView:
             f"{total(features, 'sluice_features_late_events_total'):.0f}",
             str(self.traffic.labels_sent),
         )
-        return Group(traffic, self._rollout(), self._drift(), self._alerts())
+        return Group(traffic, self._rollout(), self._drift(), self._alerts(), self._retrains())
 
     def _rollout(self) -> Table:
-        table = Table(title="rollout of fraud v2")
-        for column in ("state", "step", "weights", "last decision"):
+        table = Table(title="rollout of fraud")
+        for column in ("candidate", "state", "step", "weights", "last decision"):
             table.add_column(column)
         try:
             view = httpx.get(
                 f"http://127.0.0.1:{self.ports.rollout}/v1/rollouts/fraud", timeout=1
             ).json()
         except (httpx.HTTPError, ValueError):
-            table.add_row("unreachable", "", "", "")
+            table.add_row("unreachable", "", "", "", "")
             return table
         step = f"{view['step_index'] + 1}/{view['steps']}" if "steps" in view else "-"
         table.add_row(
+            f"v{view['candidate']}" if "candidate" in view else "-",
             str(view.get("state", "-")),
             step,
             ", ".join(f"v{v}: {w:.0%}" for v, w in view.get("weights", {}).items()),
@@ -462,10 +472,7 @@ class LiveView:
         table.add_column("feature")
         table.add_column("psi")
         try:
-            from clickhouse_driver import Client
-
-            client = Client(self.settings.clickhouse_host, port=self.settings.clickhouse_port)
-            rows = client.execute(
+            rows = self._clickhouse().execute(
                 f"SELECT version, feature, argMax(value, window_start) AS psi "
                 f"FROM {self.settings.clickhouse_database}.drift "
                 "WHERE model = 'fraud' AND kind = 'feature' AND method = 'psi' "
@@ -477,12 +484,34 @@ class LiveView:
             table.add_row(version, feature, f"{value:.3f}")
         return table
 
+    def _retrains(self) -> Table:
+        table = Table(title="alert-triggered retraining (newest run)")
+        for column in ("step", "status", "version", "detail"):
+            table.add_column(column)
+        try:
+            rows = self._clickhouse().execute(
+                f"SELECT step, status, version, detail FROM {self.settings.clickhouse_database}"
+                ".retrains WHERE model = 'fraud' AND run_id = (SELECT argMax(run_id, at_ms) "
+                f"FROM {self.settings.clickhouse_database}.retrains WHERE model = 'fraud') "
+                "ORDER BY seq"
+            )
+        except Exception:  # noqa: BLE001 - the view shows what it can
+            rows = []
+        for step, outcome, version, detail in rows or [("none yet", "", "", "")]:
+            table.add_row(step, outcome, version and f"v{version}", detail[:80])
+        return table
+
     def _alerts(self) -> Table:
         table = Table(title="alerts (newest first)")
         table.add_column("alert")
         for line in self.alerts or ["none yet"]:
             table.add_row(line)
         return table
+
+    def _clickhouse(self):
+        if self._client is None:
+            self._client = clickhouse_client(self.settings, timeout_s=2.0)
+        return self._client
 
     def close(self) -> None:
         self._alert_consumer.close()

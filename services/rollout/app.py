@@ -23,6 +23,7 @@ from services.rollout.api import create_api
 from services.rollout.auth import ApiKeys
 from services.rollout.evidence import MonitorEvidence
 from services.rollout.publisher import ControlFollower, RoutingPublisher
+from services.rollout.retrain import Retrainer, RetrainLog, RetrainPolicy, champions
 from services.rollout.service import RolloutService
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ClickHouse, DecisionLog
@@ -39,6 +40,7 @@ class RolloutApp:
     follower: ControlFollower
     publisher: RoutingPublisher
     api: FastAPI | None = None
+    retrainer: Retrainer | None = None
     restored: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -54,12 +56,16 @@ class RolloutApp:
         self.restored.set()
         self.thread = threading.Thread(target=self.service.run, name="rollout-loop", daemon=True)
         self.thread.start()
+        if self.retrainer is not None:
+            self.retrainer.start()
         log.info("rollout controller started", extra={"active_rollouts": active})
         return active
 
     def stop(self) -> None:
         """Finish the evaluation in hand, stop following, flush the producer."""
         self.service.stop()
+        if self.retrainer is not None:
+            self.retrainer.stop()
         if self.thread is not None:
             self.thread.join(30)
         self.follower.stop()
@@ -88,6 +94,12 @@ def build(settings: RolloutSettings) -> RolloutApp:
     service = RolloutService(settings, DecisionLog(clickhouse), evidence, publisher, follower)
     follower.on_alert = service.on_alert
     app = RolloutApp(settings, service, follower, publisher)
+    policy = RetrainPolicy.from_settings(settings)
+    if policy is not None:
+        app.retrainer = Retrainer(
+            settings, policy, service, follower.firing, champions(lambda: dict(follower.tables)),
+            RetrainLog(clickhouse),
+        )  # fmt: skip
     keys = ApiKeys(settings.rollout_admin_keys, settings.rollout_viewer_keys)
     app.api = create_api(service, keys, app.ready)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 
 from services.common.settings import SluiceSettings
@@ -39,4 +41,25 @@ class RolloutSettings(SluiceSettings):
     )
     rollout_publish_timeout_s: float = Field(
         10.0, gt=0, description="How long a routing table may wait for the broker's ack."
+    )
+    rollout_retrain_hook: str = Field(
+        "",
+        description="Command run (no shell) when a champion's alert calls for a retrain; it "
+        "registers a new version and prints JSON with its `version` last (see "
+        "docs/rollouts.md). Empty = no automatic retraining.",
+    )
+    rollout_retrain_plan: Path | None = Field(
+        None,
+        description="Rollout plan template (YAML) for a retrained version; its `candidate` is "
+        "replaced by the new version. Required with a hook.",
+    )
+    rollout_retrain_on: list[str] = Field(
+        default_factory=lambda: ["drift", "prediction_drift", "quality"],
+        description="Alert kinds on a champion that trigger a retrain (JSON list).",
+    )
+    rollout_retrain_cooldown_s: float = Field(
+        1800.0, ge=0, description="Least seconds between two retrain runs of one model."
+    )
+    rollout_retrain_timeout_s: float = Field(
+        1800.0, gt=0, description="A retrain hook running longer is killed (the run fails)."
     )
