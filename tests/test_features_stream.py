@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from redis import Redis
@@ -267,6 +269,20 @@ def test_training_set_export_is_point_in_time_without_future_leakage(
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 * len(cards)
+    parquet = tmp_path / "train.parquet"
+    result = cli(
+        cluster_env, run.database, "export", "--view", "fraud", "--spine", str(spine),
+        "-o", str(parquet),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(parquet)
+    assert table.schema.field("ts_ms").type == pa.int64()
+    assert table.schema.field("card").type == pa.string()
+    assert table.to_pylist() == [
+        {k: (int(v) if k in ("ts_ms", "label") else v if k in ("card", "merchant") else float(v))
+         for k, v in row.items()}
+        for row in rows
+    ]  # fmt: skip
     as_of = {at: reference_observations(registry, run.placed, until_ms=at) for at in (early, late)}
     for row in rows:
         at = int(row["ts_ms"])

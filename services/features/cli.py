@@ -28,7 +28,7 @@ from services.features.offline import (
     connect_clickhouse,
     read_spine_csv,
     spine_from_predictions,
-    write_training_csv,
+    write_training_set,
 )
 from services.features.settings import FeaturesSettings
 from services.features.skew import SkewReport, check_skew, load_served
@@ -88,7 +88,7 @@ def get(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output CSV file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: `.csv` or `.parquet`.")],
     view: Annotated[str | None, typer.Option(help="Export the features of this view.")] = None,
     features: Annotated[
         str | None, typer.Option(help="Comma-separated features (instead of --view).")
@@ -115,8 +115,8 @@ def export(
     names = _feature_names(registry, view, features)
     if (spine is None) == (model is None):
         raise typer.BadParameter("give exactly one of --spine and --model")
-    if out.suffix.lower() != ".csv":
-        raise typer.BadParameter("only CSV output is supported (pyarrow is not a dependency)")
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise typer.BadParameter("--out must end in .csv or .parquet")
     settings = FeaturesSettings()
     client = connect_clickhouse(settings)
     try:
@@ -128,7 +128,7 @@ def export(
             )
         log = EventLog(client, settings.clickhouse_database)
         values = build_training_set(registry, log, rows, names)
-        written = write_training_csv(out, columns, rows, names, values)
+        written = write_training_set(out, columns, rows, names, values)
     except OfflineError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

@@ -298,22 +298,55 @@ def build_training_set(
         yield {name: columns[name][index] for name in features}
 
 
-def write_training_csv(
+def write_training_set(
     path: Path,
     spine_columns: Sequence[str],
     spine: Sequence[SpineRow],
     features: Sequence[str],
     values: Iterable[dict[str, float]],
 ) -> int:
-    """Write spine columns then feature columns; returns the rows written."""
-    written = 0
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*spine_columns, *features])
-        for row, row_values in zip(spine, values, strict=True):
-            writer.writerow(
-                [row.passthrough.get(c, "") for c in spine_columns]
-                + [repr(row_values[name]) for name in features]
-            )
-            written += 1
-    return written
+    """Write spine columns then feature columns, as CSV or Parquet by the file's suffix
+    (`.csv`, `.parquet`); returns the rows written. Raises `OfflineError` for another suffix.
+
+    In Parquet, feature columns are float64 and each spine column gets the narrowest type that
+    holds all its values: int64 when all are integers, float64 when all are numbers or empty
+    (empty = null), string otherwise."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise OfflineError(f"{path}: write .csv or .parquet")
+    records = [[row.passthrough.get(c, "") for c in spine_columns] for row in spine]
+    matrix = [[row_values[name] for name in features] for row_values in values]
+    if len(matrix) != len(records):
+        raise OfflineError(f"{len(matrix)} feature rows for {len(records)} spine rows")
+    if suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([*spine_columns, *features])
+            for record, row_values in zip(records, matrix, strict=True):
+                writer.writerow(record + [repr(value) for value in row_values])
+        return len(records)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        name: _typed_column([record[j] for record in records])
+        for j, name in enumerate(spine_columns)
+    }
+    for j, name in enumerate(features):
+        columns[name] = pa.array([row[j] for row in matrix], type=pa.float64())
+    pq.write_table(pa.table(columns), path)
+    return len(records)
+
+
+def _typed_column(cells: list[str]):
+    """A pyarrow array of `cells` (strings from a spine) in the narrowest fitting type."""
+    import pyarrow as pa
+
+    try:
+        return pa.array([int(c) for c in cells], type=pa.int64())
+    except ValueError:
+        pass
+    try:
+        return pa.array([float(c) if c != "" else None for c in cells], type=pa.float64())
+    except ValueError:
+        return pa.array(cells, type=pa.string())
