@@ -544,6 +544,11 @@ Where to look next:
 """
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    """SIGTERM stops the demo the way Ctrl-C does: everything it started is stopped."""
+    raise KeyboardInterrupt
+
+
 def run(
     minutes: float | None = None,
     rate: float = 150.0,
@@ -570,6 +575,7 @@ def run(
     report = DemoReport(traffic)
     rollout_url = f"http://127.0.0.1:{ports.rollout}/v1/rollouts"
     live_view = None
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         start_services(stack, cluster.state_dir / "logs")
         console.print("services ready: " + ", ".join(s.name for s in stack))
@@ -595,6 +601,7 @@ def run(
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         traffic.stop()
         time.sleep(1)
         try:
