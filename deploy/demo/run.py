@@ -528,6 +528,7 @@ def _ms(seconds: float | None) -> str:
 def where_to_look(ports: Ports, cluster: ClusterConfig) -> str:
     return f"""
 Where to look next:
+  status page     http://127.0.0.1:{ports.rollout}/status#model=fraud
   rollout API     http://127.0.0.1:{ports.rollout}/v1/rollouts/fraud
   gateway docs    http://127.0.0.1:{ports.ingest}/docs
   predict         curl -s -XPOST http://127.0.0.1:{ports.ingest}/v1/models/fraud/predict \\

@@ -10,6 +10,9 @@
 | `POST /v1/rollouts/{model}/promote`      | admin  | make the candidate champion now             |
 | `POST /v1/rollouts/{model}/abort`        | admin  | everyone back to the champion               |
 | `GET /v1/rollouts/{model}/history`       | viewer | recorded decisions, newest first            |
+| `GET /v1/status`                         | viewer | models the status page can show             |
+| `GET /v1/status/{model}?minutes=60`      | viewer | the status page's data (`status.py`)        |
+| `GET /status`                            | —      | the status page (static; reads the above)   |
 
 Errors are `{"error": {"code", "message", "details"}}`: 401/403 keys, 404 `no_rollout`, 409
 `rollout_active`, `no_champion`, `candidate_is_champion` or the state machine's `not_paused`,
@@ -21,18 +24,22 @@ Errors are `{"error": {"code", "message", "details"}}`: 401/403 keys, 404 `no_ro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from services.rollout import status as status_data
 from services.rollout.auth import ApiKeys, AuthError
 from services.rollout.machine import Command, TransitionError
 from services.rollout.plan import PlanError, parse_plan, plan_from_dict
 from services.rollout.service import RolloutError, RolloutService
-from services.rollout.store import StoreUnavailable
+from services.rollout.store import ClickHouse, StoreUnavailable
 from services.rollout.views import (
     CommandRequest,
     CommandResult,
@@ -44,14 +51,24 @@ from services.rollout.views import (
     rollout_view,
 )
 
+STATIC = Path(__file__).resolve().parent / "static"
+"""The status page's files (shipped as package data)."""
+
 
 def _error(status: int, code: str, message: str, details: object = None) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details}}
     return JSONResponse(status_code=status, content=body)
 
 
-def create_api(service: RolloutService, keys: ApiKeys, ready: Callable[[], bool]) -> FastAPI:
-    """The operator API over `service`; `ready` answers `/readyz`."""
+def create_api(
+    service: RolloutService,
+    keys: ApiKeys,
+    ready: Callable[[], bool],
+    status_store: ClickHouse,
+) -> FastAPI:
+    """The operator API over `service`; `ready` answers `/readyz`; the status page reads
+    ClickHouse through `status_store` (a session of its own, so page loads never wait on the
+    decision log's connection)."""
     api = FastAPI(title="Sluiceway rollout controller", version="1")
     viewer = Depends(keys.require("viewer"))
     admin = Depends(keys.require("admin"))
@@ -121,6 +138,26 @@ def create_api(service: RolloutService, keys: ApiKeys, ready: Callable[[], bool]
         limit: int = Query(50, ge=1, le=10_000),
     ) -> list[DecisionView]:
         return [decision_view(r) for r in service.history(model, rollout_id, limit)]
+
+    @api.get("/v1/status", dependencies=[viewer])
+    def status_models(minutes: int = Query(1440, ge=1, le=43_200)) -> dict[str, list[str]]:
+        """Models with predictions in the last `minutes` or any recorded rollout."""
+        since_s = int(time.time()) - minutes * 60
+        return {"models": status_data.models(status_store, since_s)}
+
+    @api.get("/v1/status/{model}", dependencies=[viewer])
+    def model_status(
+        model: str, minutes: int = Query(60, ge=1, le=43_200)
+    ) -> status_data.ModelStatus:
+        """Traffic split, latency, drift and the rollout timeline of the last `minutes`."""
+        until_s = int(time.time()) + 1
+        return status_data.model_status(status_store, model, until_s, minutes)
+
+    @api.get("/status", include_in_schema=False)
+    def status_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    api.mount("/status/static", StaticFiles(directory=STATIC), name="status-static")
 
     @api.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -101,7 +101,8 @@ def build(settings: RolloutSettings) -> RolloutApp:
             RetrainLog(clickhouse),
         )  # fmt: skip
     keys = ApiKeys(settings.rollout_admin_keys, settings.rollout_viewer_keys)
-    app.api = create_api(service, keys, app.ready)
+    status_store = ClickHouse.from_settings(settings, settings.rollout_clickhouse_timeout_s)
+    app.api = create_api(service, keys, app.ready, status_store)
     return app
 
 
