@@ -41,6 +41,7 @@ from services.rollout.retrain import (
     run_hook,
 )
 from services.rollout.settings import RolloutSettings
+from services.rollout.status import retrain_runs
 from tests.support import json_bodies, read_topic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +197,7 @@ def test_drift_alert_retrains_registers_and_rolls_out_the_new_version(private_cl
         assert producer.flush(10) == 0
 
         def rolling_out() -> bool:
-            failed = [s for s in app.retrainer.retrains.runs("fraud") if s.step == "failed"]
+            failed = [s for s in _steps(app) if s.step == "failed"]
             assert not failed, failed[0].detail
             try:
                 return app.service.get("fraud").state.candidate == "3"
@@ -204,10 +205,11 @@ def test_drift_alert_retrains_registers_and_rolls_out_the_new_version(private_cl
                 return False
 
         _deadline(240, rolling_out, "a rollout of the retrained version")
-        steps = app.retrainer.retrains.runs("fraud")
+        runs = retrain_runs(app.retrainer.retrains.ch, "fraud", 0, 2**32 - 1)
+        assert len(runs) == 1
+        steps = runs[0].steps
         assert [s.step for s in steps] == ["triggered", "trained", "registered", "rollout_started"]
-        assert {s.run_id for s in steps} == {steps[0].run_id}
-        assert steps[0].alert_kind == "drift" and steps[0].feature == "amount"
+        assert runs[0].alert_kind == "drift" and runs[0].feature == "amount"
         assert json.loads(steps[1].detail)["auc_holdout"] > 0.6
         rollout = app.service.get("fraud")
         assert steps[-1].rollout_id == rollout.state.rollout_id
@@ -226,9 +228,14 @@ def test_drift_alert_retrains_registers_and_rolls_out_the_new_version(private_cl
         producer.produce(ALERTS.name, encode(alert.model_copy(update={"ts_ms": now + 1})))
         producer.flush(10)
         time.sleep(2)
-        assert len(app.retrainer.retrains.runs("fraud")) == 4
+        assert len(_steps(app)) == 4
     finally:
         app.stop()
+
+
+def _steps(app) -> list:
+    runs = retrain_runs(app.retrainer.retrains.ch, "fraud", 0, 2**32 - 1)
+    return [step for run in runs for step in run.steps]
 
 
 def _shadowed(app, version: str) -> bool:

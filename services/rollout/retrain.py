@@ -227,24 +227,6 @@ class RetrainLog:
         )
         return {model: int(at_ms) for model, at_ms in rows}
 
-    def runs(self, model: str, limit: int = 20) -> list[Step]:
-        """The steps of `model`'s newest runs, oldest step first within a run."""
-        rows = self.ch.execute(
-            f"""
-            SELECT run_id, model, seq, step, status, alert_kind, alert_metric, feature, version,
-                   rollout_id, detail, at_ms
-            FROM {{db}}.{TABLE}
-            WHERE model = %(model)s AND run_id IN (
-                SELECT run_id FROM {{db}}.{TABLE}
-                WHERE model = %(model)s AND step = 'triggered'
-                ORDER BY at_ms DESC LIMIT %(limit)s
-            )
-            ORDER BY at_ms, seq
-            """,
-            {"model": model, "limit": limit},
-        )
-        return [Step(*row) for row in rows]
-
 
 class _Metrics:
     def __init__(self) -> None:
