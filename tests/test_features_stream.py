@@ -72,18 +72,29 @@ class Run:
 
 
 def demo_items(prefix: str) -> list:
-    config = DemoConfig(
-        seed=11,
-        cards=250,
-        merchants=30,
-        txns_per_card_per_day=200,
-        fraud_episodes_per_card_day=0.5,
-        start_ms=int(time.time() * 1000) - 2 * 3_600_000,
-        disorder_share=0.05,
-        disorder_ms=150_000,
-        id_prefix=prefix,
-    )
-    return list(generate(config, limit=2400))
+    """2,400 demo transactions that all lie in the past: the stream's rate follows the hour of
+    day, so the span of a fixed count depends on when the test runs; start earlier until the
+    newest event is a minute old."""
+    now_ms = int(time.time() * 1000)
+    start_ms = now_ms - 2 * 3_600_000
+    for _ in range(6):
+        config = DemoConfig(
+            seed=11,
+            cards=250,
+            merchants=30,
+            txns_per_card_per_day=200,
+            fraud_episodes_per_card_day=0.5,
+            start_ms=start_ms,
+            disorder_share=0.05,
+            disorder_ms=150_000,
+            id_prefix=prefix,
+        )
+        items = list(generate(config, limit=2400))
+        overshoot = max(item.event.ts_ms for item in items) - (now_ms - 60_000)
+        if overshoot <= 0:
+            return items
+        start_ms -= overshoot + 600_000
+    raise AssertionError("the demo stream keeps ending in the future")
 
 
 def serve(redis: Redis, registry: FeatureRegistry, run: Run, at_ms: int, phase: int) -> list[dict]:
