@@ -295,6 +295,47 @@ def test_ports_bind_to_localhost_only(name: str) -> None:
         assert host_ip(port) == LOCALHOST, f"{name}: port {port!r} is not bound to {LOCALHOST}"
 
 
+INFRASTRUCTURE = ("kafka", "redis", "clickhouse", "prometheus", "grafana")
+"""Infrastructure services a developer reaches from the host (their ports are published)."""
+
+
+@pytest.mark.parametrize("name", INFRASTRUCTURE)
+def test_infrastructure_ports_are_published_on_localhost_only(name: str) -> None:
+    """Kafka, Redis, ClickHouse, Prometheus and Grafana run without authentication in the dev
+    cluster (or with dev passwords): a port on every interface would open them to the network."""
+    ports = SERVICES[name].get("ports") or []
+    assert ports, f"{name} publishes no port: the dev cluster is unusable from the host"
+    for port in ports:
+        assert host_ip(port) == LOCALHOST, f"{name}: port {port!r} is not bound to {LOCALHOST}"
+    assert not SERVICES[name].get("network_mode"), f"{name} must stay on the compose network"
+
+
+def test_kafka_controller_listener_is_never_published() -> None:
+    listeners = environment(SERVICES["kafka"])["KAFKA_LISTENERS"].split(",")
+    controller_port = next(item for item in listeners if item.startswith("CONTROLLER:"))
+    container_port = controller_port.rsplit(":", 1)[1]
+    published_ports = [published(port)[1] for port in SERVICES["kafka"].get("ports") or []]
+    assert container_port not in published_ports
+
+
+@pytest.mark.parametrize(
+    ("port", "address"),
+    [
+        ("6379:6379", ""),
+        ("6379", ""),
+        ("0.0.0.0:6379:6379", "0.0.0.0"),
+        ("[::]:6379:6379", "::"),
+        ("127.0.0.1:${REDIS_HOST_PORT:-6379}:6379", "127.0.0.1"),
+        ("${BIND:-0.0.0.0}:6379:6379/tcp", "0.0.0.0"),
+        ({"target": 6379, "published": 6379}, ""),
+        ({"target": 6379, "published": 6379, "host_ip": "127.0.0.1"}, "127.0.0.1"),
+    ],
+)
+def test_host_address_is_read_from_every_port_syntax(port: Any, address: str) -> None:
+    """The localhost checks above rely on `host_ip`: it must see through every syntax."""
+    assert host_ip(port) == address
+
+
 @pytest.mark.parametrize("name", SERVICE_NAMES)
 def test_mounted_paths_exist(name: str) -> None:
     declared = set(COMPOSE.get("volumes") or {})
@@ -519,6 +560,9 @@ def test_clickhouse_init_creates_the_tables_once_clickhouse_is_healthy() -> None
     for module in re.findall(r"^(?:from|import)\s+([\w.]+)", script, re.M):
         assert importlib.util.find_spec(module) is not None, module
     assert "create_statements" in script
+    # the services' one ClickHouse client builder: user, password and TLS settings all apply
+    assert "clickhouse_client(settings" in script
+    assert "Client(" not in script.replace("clickhouse_client(", "")
 
 
 def test_gpu_profile_runs_inference_on_an_nvidia_gpu() -> None:

@@ -1,8 +1,10 @@
 """The one JSON codec for topic messages: orjson on the wire, pydantic for validation.
 
-Decoding tells apart three failures, because operators act on them differently:
+Decoding tells apart four failures, because operators act on them differently:
+`message_too_large` (over the consumer's size limit, `kafka_max_message_bytes`),
 `malformed_json` (not JSON at all), `unsupported_schema_version` (a newer producer), and
-`schema_invalid` (JSON of the wrong shape, with the failing field paths in `details`).
+`schema_invalid` (JSON of the wrong shape, with the failing field paths in `details`). Nothing
+else escapes `decode`, and whatever it accepts `encode` can write back.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import from_json
 
 from schemas.messages import ErrorBody, Message
+from services.common.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 M = TypeVar("M", bound=Message)
 
@@ -26,8 +30,14 @@ class DecodeError(ValueError):
 
 
 def encode(message: BaseModel) -> bytes:
-    """Serialise a schema object to compact JSON bytes (bytes fields as base64)."""
-    return orjson.dumps(message.model_dump(mode="json"))
+    """Serialise a schema object to compact JSON bytes (bytes fields as base64; non-finite
+    floats as null)."""
+    try:
+        return orjson.dumps(message.model_dump(mode="json"))
+    except orjson.JSONEncodeError:
+        # An integer beyond 64 bits: valid JSON that the schemas accept, but orjson cannot
+        # write it. Without this, one such message would stop whichever worker re-encodes it.
+        return message.model_dump_json().encode()
 
 
 def encode_obj(obj: Any) -> bytes:
@@ -43,45 +53,68 @@ def validation_details(error: ValidationError) -> list[dict[str, str]]:
     ]
 
 
-def decode(model: type[M], data: bytes | None) -> M:
+def decode(
+    model: type[M], data: bytes | None, max_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES
+) -> M:
     """Parse and validate one message of type `model`.
 
-    Raises `DecodeError` with code `malformed_json`, `unsupported_schema_version` or
-    `schema_invalid`. Fields unknown to `model` are ignored (forward compatibility).
+    Raises `DecodeError` with code `message_too_large` (more than `max_bytes`; None = no
+    limit), `malformed_json`, `unsupported_schema_version` or `schema_invalid`, and nothing
+    else. Fields unknown to `model` are ignored (forward compatibility). A `schema_version`
+    newer than `model`'s is refused however it is spelt (`2`, `"2"`, `2.0`).
     """
     if data is None:
         raise DecodeError("malformed_json", "message has no value (tombstone)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError(
+            "message_too_large",
+            f"{len(data)} bytes, over the limit of {max_bytes}",
+            {"bytes": len(data), "max_bytes": max_bytes},
+        )
     try:  # fast path: parse and validate in one pass (pydantic-core)
         message = model.model_validate_json(data)
-    except ValidationError:
-        return _decode_classified(model, data)
-    supported = model.model_fields["schema_version"].default
-    if message.schema_version > supported:
-        return _decode_classified(model, data)
+    except ValidationError as exc:
+        raise _classify(model, data, exc) from None
+    if message.schema_version > _supported(model):
+        raise _newer(model, message.schema_version)
     return message
 
 
-def _decode_classified(model: type[M], data: bytes) -> M:
-    """The slow path: find out why `data` is not a valid `model` and say so."""
+_VERSION = TypeAdapter(int)
+
+
+def _supported(model: type[Message]) -> int:
+    return model.model_fields["schema_version"].default
+
+
+def _newer(model: type[Message], version: int) -> DecodeError:
+    supported = _supported(model)
+    return DecodeError(
+        "unsupported_schema_version",
+        f"{model.__name__} schema_version {version} is newer than supported {supported}",
+        {"received": version, "supported": supported},
+    )
+
+
+def _classify(model: type[Message], data: bytes, error: ValidationError) -> DecodeError:
+    """The slow path: why `data` is not a valid `model`. It parses with pydantic-core's own
+    JSON parser, so "not JSON" means the same here as on the fast path."""
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError("malformed_json", f"not valid JSON: {exc}") from None
+        obj = from_json(data)
+    except ValueError as exc:
+        return DecodeError("malformed_json", f"not valid JSON: {exc}")
     if not isinstance(obj, dict):
-        raise DecodeError("schema_invalid", f"expected a JSON object, got {type(obj).__name__}")
-    supported = model.model_fields["schema_version"].default
+        return DecodeError("schema_invalid", f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version", 1)
-    if isinstance(version, int) and version > supported:
-        raise DecodeError(
-            "unsupported_schema_version",
-            f"{model.__name__} schema_version {version} is newer than supported {supported}",
-            {"received": version, "supported": supported},
-        )
-    try:
-        return model.model_validate(obj)
-    except ValidationError as exc:
-        raise DecodeError(
-            "schema_invalid",
-            f"{model.__name__} failed validation ({exc.error_count()} errors)",
-            validation_details(exc),
-        ) from None
+    if not isinstance(version, bool):
+        try:
+            version = _VERSION.validate_python(version)
+        except ValidationError:
+            version = None
+        if version is not None and version > _supported(model):
+            return _newer(model, version)
+    return DecodeError(
+        "schema_invalid",
+        f"{model.__name__} failed validation ({error.error_count()} errors)",
+        validation_details(error),
+    )

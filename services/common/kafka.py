@@ -4,6 +4,10 @@ Security settings (SASL/TLS) are passed through here, so every producer and cons
 service gets them. Consumer defaults suit the local Tansu broker as well as real Kafka: a short
 `fetch.wait.max.ms` (Tansu never wakes a waiting fetch early), a 6 s session (Tansu's first join
 takes about half of it) and manual offset storage (we commit only after outputs are acked).
+
+Consumers outside the worker loop (the control-topic followers, the gateway's reply listener,
+the monitor's start-up read of alerts) dead-letter what they cannot decode with `DeadLetters`,
+as the worker loop does, and keep going.
 """
 
 from __future__ import annotations
@@ -13,8 +17,18 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
+from schemas.messages import ErrorBody
+from services.common.codec import DecodeError, encode
 from services.common.settings import SluiceSettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +84,65 @@ def make_producer(settings: SluiceSettings, **overrides: Any) -> Producer:
     return Producer(producer_config(settings, **overrides))
 
 
+class DeadLetters:
+    """Sends `DeadLetter`s to `sluice.dlq` for a consumer that does not run the worker loop.
+
+    `send` only queues (the producer delivers in the background) so the consumer never waits
+    on the broker; `close` flushes. These consumers commit nothing, so a bad record is
+    dead-lettered again each time a process reads it again (at-least-once: deduplicate on
+    source_topic, partition, offset and consumer_group).
+    """
+
+    def __init__(self, settings: SluiceSettings, consumer_group: str) -> None:
+        self.consumer_group = consumer_group
+        self.producer = make_producer(settings)
+
+    def send(self, message: Message, error: ErrorBody) -> None:
+        """Queue the dead letter of `message` (the original cut as in the worker loop)."""
+        from services.common.worker import dead_letter  # the worker imports this module
+
+        letter = dead_letter(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            message.key(),
+            message.value(),
+            error,
+            self.consumer_group,
+        )
+        log.warning(
+            "dead-lettered",
+            extra={
+                "topic": message.topic(),
+                "partition": message.partition(),
+                "offset": message.offset(),
+                "code": error.code,
+            },
+        )
+        value = encode(letter.value)  # type: ignore[arg-type]
+        while True:
+            try:
+                self.producer.produce(
+                    letter.topic, value, letter.key, on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+            except KafkaException as exc:
+                log.error("dead letter not queued", extra={"error": str(exc)})
+                break
+        self.producer.poll(0)
+
+    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            log.error("dead letter not delivered", extra={"error": str(error)})
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued (bounded by `timeout_s`)."""
+        if self.producer.flush(timeout_s) > 0:
+            log.error("dead letters not delivered before close")
+
+
 def assign_from_beginning(consumer: Consumer, topics: Sequence[str]) -> set[tuple[str, int]]:
     """Assign every partition of `topics` from offset 0 (no consumer group: each process reads
     the whole topic, as control planes do with compacted topics); returns the partitions, which
@@ -88,18 +161,30 @@ def follow(
     caught_up: threading.Event,
     stop: threading.Event,
     apply: Callable[[str, bytes | None], None],
+    dead_letters: DeadLetters,
     poll_s: float = 0.1,
 ) -> None:
     """Feed every message of an `assign_from_beginning` consumer to `apply(topic, value)` until
     `stop` is set; `caught_up` is set once each partition in `pending_eof` reported its end.
-    `apply` handles its own errors: one bad control message must not stop the follower."""
+
+    One bad control message never stops the follower: a `DecodeError` from `apply` sends the
+    message to `dead_letters`, any other exception is logged, and the next message follows.
+    """
     while not stop.is_set():
         message = consumer.poll(poll_s)
         if message is None:
             continue
         error = message.error()
         if error is None:
-            apply(message.topic(), message.value())
+            try:
+                apply(message.topic(), message.value())
+            except DecodeError as exc:
+                dead_letters.send(message, exc.body)
+            except Exception:  # noqa: BLE001 - a control message that fails must not stop us
+                log.exception(
+                    "control message not applied",
+                    extra={"topic": message.topic(), "offset": message.offset()},
+                )
         elif error.code() == KafkaError._PARTITION_EOF:
             pending_eof.discard((message.topic(), message.partition()))
             if not pending_eof:

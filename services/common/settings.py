@@ -19,6 +19,9 @@ LOCAL_KAFKA_PORT = 19092
 LOCAL_REDIS_PORT = 16379
 LOCAL_CLICKHOUSE_TCP_PORT = 19000
 LOCAL_CLICKHOUSE_HTTP_PORT = 18123
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+"""Largest message value a consumer decodes (Apache Kafka's default `message.max.bytes` is
+about this); bigger ones are dead-lettered as `message_too_large`."""
 
 
 class SluiceSettings(BaseSettings):
@@ -46,6 +49,12 @@ class SluiceSettings(BaseSettings):
     )
     kafka_session_timeout_ms: int = Field(
         6000, ge=1000, description="Consumer-group session timeout; Tansu joins take about half."
+    )
+    kafka_max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        description="Largest message value a consumer decodes; a bigger one goes to "
+        "`sluice.dlq` as `message_too_large` and the partition keeps flowing.",
     )
     redis_url: str = Field(
         f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0",

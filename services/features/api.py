@@ -1,12 +1,19 @@
 """The features service's HTTP API, for humans and debugging: one entity's online features, plus
-`/healthz`, `/readyz` and `/metrics`. Routes are thin: parse, call `read_online`, return."""
+`/healthz`, `/readyz` and `/metrics`. Routes are thin: parse, call `read_online`, return.
+
+API keys: the wiring passes an `Authorize` check (the gateway's key scheme: hashed keys with
+roles, `Authorization: Bearer <key>` or `X-API-Key`). With one, reading features needs the
+`admin` role (they are per-entity data, served here for debugging); health and metrics stay
+open. Without one every call is allowed, as on the local dev cluster.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
@@ -14,6 +21,13 @@ from redis import Redis, RedisError
 
 from services.features.client import UnknownFeature, read_online
 from services.features.definitions import FeatureRegistry
+
+Authorize = Callable[[str | None, str], tuple[int, str] | None]
+"""Whether a presented API key (None when the request has none) may act in a role: None to
+proceed, else (401 or 403, reason)."""
+
+READ_ROLE = "admin"
+"""The role that may read an entity's features."""
 
 
 class FeatureValue(BaseModel):
@@ -51,16 +65,39 @@ def create_api(
     redis: Redis,
     ready: Callable[[], bool],
     clock: Callable[[], int] = now_ms,
+    authorize: Authorize | None = None,
 ) -> FastAPI:
-    """The FastAPI app; `ready` answers `/readyz` (e.g. "the stream has partitions")."""
+    """The FastAPI app; `ready` answers `/readyz` (e.g. "the stream has partitions");
+    `authorize` checks API keys (None: no keys, every call allowed)."""
     api = FastAPI(title="Sluiceway features", version="1")
+
+    def role(name: str):
+        def check(
+            authorization: Annotated[str | None, Header()] = None,
+            x_api_key: Annotated[str | None, Header()] = None,
+        ) -> None:
+            if authorize is None:
+                return
+            presented = x_api_key
+            if authorization and authorization.lower().startswith("bearer "):
+                presented = authorization[7:].strip()
+            denied = authorize(presented, name)
+            if denied is not None:
+                code = "unauthorized" if denied[0] == 401 else "forbidden"
+                raise ApiError(denied[0], code, denied[1])
+
+        return Depends(check)
 
     @api.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         body = {"error": {"code": exc.code, "message": exc.message, "details": None}}
         return JSONResponse(body, status_code=exc.status)
 
-    @api.get("/v1/features/{entity}/{entity_id}", response_model=EntityFeatures)
+    @api.get(
+        "/v1/features/{entity}/{entity_id}",
+        response_model=EntityFeatures,
+        dependencies=[role(READ_ROLE)],
+    )
     def get_features(
         entity: str,
         entity_id: str,

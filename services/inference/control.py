@@ -3,7 +3,8 @@
 Every inference process reads both compacted topics from the beginning on its own (by partition
 assignment, not a consumer group), so each one knows every routing table and every registered
 version. A routing table that names a version not loaded yet loads it from the repository first,
-so traffic never moves to a version that cannot serve.
+so traffic never moves to a version that cannot serve. A control message that cannot be
+decoded goes to `sluice.dlq` and the plane keeps following.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from confluent_kafka import Consumer
 
 from schemas.messages import ModelRegistered, RoutingTable
 from schemas.topics import MODELS, ROUTING
-from services.common.codec import DecodeError, decode
-from services.common.kafka import assign_from_beginning, consumer_config, follow
+from services.common.codec import decode
+from services.common.kafka import DeadLetters, assign_from_beginning, consumer_config, follow
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
+
+CONTROL_GROUP = "sluice-inference-control"
+"""Group id of the control-plane consumer; it never joins or commits (partition assignment), so
+it only names the consumer in dead letters."""
 
 
 class ControlPlane:
@@ -32,10 +37,10 @@ class ControlPlane:
         self.root = Path(settings.model_repository)
         self.caught_up = threading.Event()
         self._stop = threading.Event()
-        config = consumer_config(
-            settings, "sluice-inference-control", **{"enable.partition.eof": True}
-        )
+        self.max_message_bytes = settings.kafka_max_message_bytes
+        config = consumer_config(settings, CONTROL_GROUP, **{"enable.partition.eof": True})
         self.consumer = Consumer(config)
+        self.dead_letters = DeadLetters(settings, CONTROL_GROUP)
         self._pending_eof: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._loop, name="control-plane", daemon=True)
 
@@ -48,27 +53,31 @@ class ControlPlane:
         self._stop.set()
         self._thread.join(10)
         self.consumer.close()
+        self.dead_letters.close()
 
     def _loop(self) -> None:
-        follow(self.consumer, self._pending_eof, self.caught_up, self._stop, self._apply_safely)
-
-    def _apply_safely(self, topic: str, value: bytes | None) -> None:
-        try:
-            self.apply(topic, value)
-        except Exception:  # noqa: BLE001 - a bad control message must not stop the plane
-            log.exception("control message not applied", extra={"topic": topic})
+        follow(
+            self.consumer,
+            self._pending_eof,
+            self.caught_up,
+            self._stop,
+            self.apply,
+            self.dead_letters,
+        )
 
     def apply(self, topic: str, value: bytes | None) -> None:
-        """Apply one control message (exposed for tests)."""
+        """Apply one control message (exposed for tests); a tombstone is ignored.
+
+        Raises `DecodeError` for a message that is not a valid `ModelRegistered` or
+        `RoutingTable` (the follow loop dead-letters it).
+        """
         if value is None:
             return
-        try:
-            if topic == MODELS.name:
-                self._apply_model(decode(ModelRegistered, value))
-            else:
-                self._apply_routing(decode(RoutingTable, value))
-        except DecodeError as exc:
-            log.warning("undecodable control message", extra={"error": exc.body.message})
+        limit = self.max_message_bytes
+        if topic == MODELS.name:
+            self._apply_model(decode(ModelRegistered, value, limit))
+        else:
+            self._apply_routing(decode(RoutingTable, value, limit))
 
     def _apply_model(self, event: ModelRegistered) -> None:
         loaded = self.service.versions.get(event.model, {}).get(event.version)

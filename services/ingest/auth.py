@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 
 ROLES = ("predict", "ingest", "admin")
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ def parse_keys(setting: str) -> list[ApiKey]:
     keys = []
     for entry in filter(None, (part.strip() for part in setting.split(","))):
         parts = entry.split(":")
-        if len(parts) != 3 or len(parts[1]) != 64:
+        if len(parts) != 3 or not _SHA256_HEX.fullmatch(parts[1]):
             raise ValueError(f"API key entry {parts[0]!r} is not name:sha256:roles")
         roles = frozenset(filter(None, parts[2].split("+")))
         unknown = roles - set(ROLES)

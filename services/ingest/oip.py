@@ -152,7 +152,8 @@ def output_tensors(
 
 
 def router(require_predict) -> APIRouter:
-    """The v2 routes; `require_predict` guards inference (health and metadata are open)."""
+    """The v2 routes; `require_predict` guards every model route (metadata and readiness tell
+    which models exist, infer scores); the server's health and metadata are open."""
     api = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
 
     def gateway(request: Request) -> Gateway:
@@ -253,14 +254,19 @@ def router(require_predict) -> APIRouter:
         except OipError as exc:
             return JSONBody({"error": exc.message}, status_code=exc.status)
 
+    guarded = [require_predict]
     for suffix in ("", "/versions/{version}"):
-        api.add_api_route(f"/models/{{model}}{suffix}", _bind(metadata), methods=["GET"])
-        api.add_api_route(f"/models/{{model}}{suffix}/ready", _bind(model_ready), methods=["GET"])
         api.add_api_route(
-            f"/models/{{model}}{suffix}/infer",
-            _bind(infer),
-            methods=["POST"],
-            dependencies=[require_predict],
+            f"/models/{{model}}{suffix}", _bind(metadata), methods=["GET"], dependencies=guarded
+        )
+        api.add_api_route(
+            f"/models/{{model}}{suffix}/ready",
+            _bind(model_ready),
+            methods=["GET"],
+            dependencies=guarded,
+        )
+        api.add_api_route(
+            f"/models/{{model}}{suffix}/infer", _bind(infer), methods=["POST"], dependencies=guarded
         )
     return api
 

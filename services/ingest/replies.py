@@ -5,7 +5,10 @@ gives each instance a disjoint set of partitions: its reply partitions. A reques
 them in its `reply_partition` header and the inference consumer produces the live prediction
 there; this instance reads only its partitions, never everyone's replies. Predictions that are
 not awaited here (asynchronous traffic hashed to these partitions, shadow copies, replies to
-requests that already timed out) are skipped after reading their headers.
+requests that already timed out) are skipped after reading their headers. An awaited reply
+that is not a valid `Prediction` (garbage, over `kafka_max_message_bytes`, a newer schema) goes
+to `sluice.dlq` with the reason; its request then ends at its deadline (504). Skipped records are
+not decoded here: the monitor's predictions sink reads every record and dead-letters bad ones.
 
 A rebalance can move a partition while a request waits on it; that request then times out
 (504) and its prediction is still logged. The consumer starts from the latest offset and never
@@ -19,11 +22,12 @@ import itertools
 import logging
 import threading
 
-import orjson
 from confluent_kafka import Consumer, TopicPartition
 
+from schemas.messages import Prediction
 from schemas.topics import PREDICTIONS
-from services.common.kafka import consumer_config
+from services.common.codec import DecodeError, decode
+from services.common.kafka import DeadLetters, consumer_config
 from services.common.settings import SluiceSettings
 from services.common.worker import collect_batch
 
@@ -40,6 +44,8 @@ class ReplyListener:
         self._cycle = itertools.cycle([])
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
+        self.max_message_bytes = settings.kafka_max_message_bytes
+        self.dead_letters = DeadLetters(settings, group_id)
         config = consumer_config(
             settings,
             group_id,
@@ -57,6 +63,7 @@ class ReplyListener:
         self._stop.set()
         self._thread.join(5)
         self.consumer.close()
+        self.dead_letters.close()
 
     def ready(self) -> bool:
         """True once the group gave this instance at least one reply partition."""
@@ -95,16 +102,25 @@ class ReplyListener:
             for message in messages:
                 if message.error() is not None:
                     continue
-                headers = dict(message.headers() or ())
-                request_id = headers.get("request_id", b"").decode()
-                if headers.get("route") == b"shadow" or request_id not in self.pending:
-                    continue
-                try:
-                    replies.append((request_id, orjson.loads(message.value())))
-                except orjson.JSONDecodeError:
-                    log.warning("undecodable reply", extra={"request_id": request_id})
+                reply = self._awaited_reply(message)
+                if reply is not None:
+                    replies.append(reply)
             if replies and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._complete, replies)
+
+    def _awaited_reply(self, message) -> tuple[str, dict] | None:
+        """(request id, prediction) if someone here waits for `message`; a bad awaited reply
+        is dead-lettered. Headers are anyone's bytes: nothing in them may stop this thread."""
+        headers = dict(message.headers() or ())
+        request_id = (headers.get("request_id") or b"").decode("utf-8", "replace")
+        if headers.get("route") == b"shadow" or request_id not in self.pending:
+            return None
+        try:
+            reply = decode(Prediction, message.value(), self.max_message_bytes)
+        except DecodeError as exc:
+            self.dead_letters.send(message, exc.body)
+            return None
+        return request_id, reply.model_dump(mode="json")
 
     def _complete(self, replies: list[tuple[str, dict]]) -> None:
         for request_id, body in replies:

@@ -21,7 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from schemas.messages import Alert
 from schemas.topics import ALERTS
 from services.common.codec import DecodeError, decode, encode
-from services.common.kafka import consumer_config, make_producer
+from services.common.kafka import DeadLetters, consumer_config, make_producer
 from services.common.logging import configure_logging
 from services.common.metrics import serve_health
 from services.common.worker import FixedBatch, KafkaWorker
@@ -62,12 +62,13 @@ def published_alerts(settings: MonitorSettings, timeout_s: float = 30.0) -> list
     """Every alert on `sluice.alerts`, oldest first per partition, read up to its end.
 
     Reads by assignment (no group join, nothing committed) until each partition reports EOF,
-    which librdkafka derives from the fetch response's high watermark (right on Tansu too).
+    which librdkafka derives from the fetch response's high watermark (right on Tansu too). An
+    alert that does not decode goes to `sluice.dlq` (again at every start, as it is read again).
     """
-    config = consumer_config(
-        settings, f"{settings.monitor_group_id}.restore", **{"enable.partition.eof": True}
-    )
+    group = f"{settings.monitor_group_id}.restore"
+    config = consumer_config(settings, group, **{"enable.partition.eof": True})
     consumer = Consumer(config)
+    dead_letters = DeadLetters(settings, group)
     try:
         topic = consumer.list_topics(ALERTS.name, timeout=10).topics[ALERTS.name]
         pending = set(topic.partitions)
@@ -84,14 +85,15 @@ def published_alerts(settings: MonitorSettings, timeout_s: float = 30.0) -> list
                     pending.discard(message.partition())
                 continue
             try:
-                alerts.append(decode(Alert, message.value()))
-            except DecodeError:
-                log.warning("unreadable alert skipped", extra={"offset": message.offset()})
+                alerts.append(decode(Alert, message.value(), settings.kafka_max_message_bytes))
+            except DecodeError as exc:
+                dead_letters.send(message, exc.body)
         if pending:
             log.warning("alerts not read to the end", extra={"partitions": sorted(pending)})
         return alerts
     finally:
         consumer.close()
+        dead_letters.close()
 
 
 def sink_workers(settings: MonitorSettings) -> list[KafkaWorker]:

@@ -9,7 +9,8 @@ lower revision, so a late retry can never roll the table back.
 **Following**: one consumer reads `sluice.routing` and `sluice.alerts` from their beginning by
 partition assignment (no group: every controller replica sees everything), keeping the newest
 routing table per model (for the champion in force and the revision to exceed) and the alerts
-firing per series. `caught_up` is set once both topics were read to their end.
+firing per series. `caught_up` is set once both topics were read to their end. A message of
+either topic that cannot be decoded goes to `sluice.dlq` and the follower keeps going.
 """
 
 from __future__ import annotations
@@ -25,13 +26,22 @@ from redis.exceptions import RedisError
 from schemas.messages import Alert, AlertState, RoutingTable
 from schemas.topics import ALERTS, ROUTING
 from services.common.codec import DecodeError, decode, encode
-from services.common.kafka import assign_from_beginning, consumer_config, follow, make_producer
+from services.common.kafka import (
+    DeadLetters,
+    assign_from_beginning,
+    consumer_config,
+    follow,
+    make_producer,
+)
 from services.rollout.machine import FiringAlert
 from services.rollout.settings import RolloutSettings
 
 log = logging.getLogger(__name__)
 
 ROUTING_KEY_PREFIX = "sluice:routing"
+FOLLOWER_GROUP = "sluice-rollout-follower"
+"""Group id of the follower's consumer; it never joins or commits (partition assignment), so
+it only names the consumer in dead letters."""
 
 _SET_IF_NEWER = """
 local current = redis.call('HGET', KEYS[1], 'revision')
@@ -113,9 +123,11 @@ class ControlFollower:
         self._firing: dict[SeriesKey, Alert] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.max_message_bytes = settings.kafka_max_message_bytes
         self.consumer = Consumer(
-            consumer_config(settings, "sluice-rollout-follower", **{"enable.partition.eof": True})
+            consumer_config(settings, FOLLOWER_GROUP, **{"enable.partition.eof": True})
         )
+        self.dead_letters = DeadLetters(settings, FOLLOWER_GROUP)
         self._pending_eof: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._loop, name="rollout-follower", daemon=True)
 
@@ -129,6 +141,7 @@ class ControlFollower:
         if self._thread.is_alive():
             self._thread.join(10)
         self.consumer.close()
+        self.dead_letters.close()
 
     def table(self, model: str) -> RoutingTable | None:
         """The newest routing table seen for `model`."""
@@ -148,26 +161,31 @@ class ControlFollower:
         )
 
     def _loop(self) -> None:
-        follow(self.consumer, self._pending_eof, self.caught_up, self._stop, self._apply_safely)
-
-    def _apply_safely(self, topic: str, value: bytes | None) -> None:
-        try:
-            self.apply(topic, value)
-        except DecodeError as exc:
-            log.warning("undecodable control message", extra={"error": exc.body.message})
+        follow(
+            self.consumer,
+            self._pending_eof,
+            self.caught_up,
+            self._stop,
+            self.apply,
+            self.dead_letters,
+        )
 
     def apply(self, topic: str, value: bytes | None) -> None:
-        """Take in one message of either topic (exposed for tests)."""
+        """Take in one message of either topic (exposed for tests); a tombstone is ignored.
+
+        Raises `DecodeError` for a message that does not decode (the follow loop dead-letters
+        it).
+        """
         if value is None:
             return
         if topic == ROUTING.name:
-            table = decode(RoutingTable, value)
+            table = decode(RoutingTable, value, self.max_message_bytes)
             with self._lock:
                 current = self.tables.get(table.model)
                 if current is None or table.revision > current.revision:
                     self.tables[table.model] = table
             return
-        alert = decode(Alert, value)
+        alert = decode(Alert, value, self.max_message_bytes)
         key = (alert.model, alert.version, alert.route, alert.kind, alert.metric, alert.feature)
         with self._lock:
             if alert.state is AlertState.firing:
