@@ -20,10 +20,10 @@ import pytest
 from redis import Redis
 
 from schemas.topics import EVENTS, LABELS, PREDICTIONS
+from services.common.apikeys import hash_key
 from services.features.client import write_features
 from services.inference.app import build
 from services.inference.settings import InferenceSettings
-from services.ingest.auth import hash_key
 from tests.helpers.models import CARD_FEATURES, FEATURES, MERCHANT_FEATURES, write_version
 from tests.support import body_of, json_bodies, read_topic, unique
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from schemas.messages import Event
+from services.common.apikeys import authorize, hash_key, parse_keys
 from services.inference.client import TensorSpec
-from services.ingest.auth import authorize, hash_key, parse_keys
 from services.ingest.capture import split_items, validate_items
 from services.ingest.gateway import GatewayError
 from services.ingest.oip import InferTensor, OipError, output_tensors, rows_from_inputs

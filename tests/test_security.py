@@ -35,15 +35,16 @@ from starlette.routing import Mount
 
 from schemas.messages import PredictionRequest
 from schemas.topics import EVENTS, PREDICTIONS, REQUESTS
+from services.common import apikeys
 from services.common.clickhouse import clickhouse_client
 from services.common.codec import encode
 from services.common.kafka import client_config, consumer_config, producer_config
 from services.common.settings import SluiceSettings
 from services.features.api import create_api as create_features_api
+from services.features.app import http_api as features_http_api
 from services.features.definitions import FeatureRegistry
 from services.features.settings import FeaturesSettings
 from services.inference.settings import InferenceSettings
-from services.ingest import auth as ingest_auth
 from services.ingest.app import create_app as create_gateway
 from services.ingest.settings import IngestSettings
 from services.monitor.settings import MonitorSettings
@@ -138,11 +139,11 @@ class Keyed:
 
 
 def gateway_roles(held: str, needed: str) -> bool:
-    return needed in ingest_auth.ROLES and (held == needed or held == "admin")
+    return needed in apikeys.ROLES and (held == needed or held == "admin")
 
 
 def gateway_like_keys() -> tuple[str, dict[str, str]]:
-    keys = {role: secret(role) for role in ingest_auth.ROLES}
+    keys = {role: secret(role) for role in apikeys.ROLES}
     setting = ",".join(f"{role}-app:{sha256(key)}:{role}" for role, key in keys.items())
     return setting, keys
 
@@ -181,7 +182,7 @@ def rollout() -> Iterator[Keyed]:
 @pytest.fixture(scope="module")
 def features() -> Keyed:
     setting, keys = gateway_like_keys()
-    check = functools.partial(ingest_auth.authorize, ingest_auth.parse_keys(setting))
+    check = functools.partial(apikeys.authorize, apikeys.parse_keys(setting))
     app = create_features_api(
         FeatureRegistry.load(DEMO_DEFINITIONS),
         Redis.from_url(f"redis://{unused_address()}/0", socket_connect_timeout=0.2),
@@ -254,12 +255,12 @@ def test_without_keys_every_route_is_open_as_on_the_dev_cluster():
 def test_gateway_keys_are_configured_as_digests_only():
     key = secret("clear")
     with pytest.raises(ValueError) as refused:
-        ingest_auth.parse_keys(f"app:{key}:predict")
+        apikeys.parse_keys(f"app:{key}:predict")
     assert key not in str(refused.value), "the refusal (logged at start-up) repeats the key"
     with pytest.raises(ValueError):
-        ingest_auth.parse_keys(f"app:{'é' * 64}:predict")  # 64 characters, not a digest
-    (configured,) = ingest_auth.parse_keys(f"app:{sha256(key).upper()}:predict")
-    assert ingest_auth.authorize([configured], key, "predict") is None
+        apikeys.parse_keys(f"app:{'é' * 64}:predict")  # 64 characters, not a digest
+    (configured,) = apikeys.parse_keys(f"app:{sha256(key).upper()}:predict")
+    assert apikeys.authorize([configured], key, "predict") is None
 
 
 def test_rollout_keys_are_kept_as_digests_and_a_digest_is_not_a_key(caplog):
@@ -287,11 +288,11 @@ def counting_compare(monkeypatch, module) -> list[int]:
 
 def test_a_presented_gateway_key_is_compared_with_every_configured_key(monkeypatch):
     setting, keys = gateway_like_keys()
-    configured = ingest_auth.parse_keys(setting)
-    calls = counting_compare(monkeypatch, ingest_auth)
+    configured = apikeys.parse_keys(setting)
+    calls = counting_compare(monkeypatch, apikeys)
     for presented in (keys["predict"], keys["admin"], secret("unknown")):
         calls.clear()
-        ingest_auth.authorize(configured, presented, "predict")
+        apikeys.authorize(configured, presented, "predict")
         assert len(calls) == len(configured), "stopped early: timing tells which key matched"
 
 
@@ -780,3 +781,19 @@ def test_inference_logs_no_password_at_debug_while_it_reads_redis_with_auth(
     finally:
         output = inference.stop()
     assert_never_logged(output, secrets, seen="repository loaded", debug=True)
+
+
+def test_the_features_service_takes_its_keys_from_its_settings():
+    setting, keys = gateway_like_keys()
+    app = features_http_api(
+        FeaturesSettings(features_api_keys=setting),
+        FeatureRegistry.load(DEMO_DEFINITIONS),
+        Redis.from_url(f"redis://{unused_address()}/0", socket_connect_timeout=0.2),
+        lambda: True,
+    )
+    client = TestClient(app)
+    path = "/v1/features/planet/earth"
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers={"x-api-key": keys["predict"]}).status_code == 403
+    assert client.get(path, headers={"x-api-key": keys["admin"]}).status_code == 404
+    assert client.get("/healthz").status_code == 200

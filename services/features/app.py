@@ -3,14 +3,17 @@ HTTP API. No logic of its own."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
 from collections.abc import Callable
 
 import uvicorn
+from fastapi import FastAPI
 from redis import Redis
 
+from services.common.apikeys import authorize, parse_keys
 from services.common.logging import configure_logging
 from services.features.api import create_api
 from services.features.definitions import FeatureRegistry
@@ -36,12 +39,21 @@ def connect_redis(settings: FeaturesSettings) -> Redis:
     )
 
 
+def http_api(
+    settings: FeaturesSettings, registry: FeatureRegistry, redis: Redis, ready: Callable[[], bool]
+) -> FastAPI:
+    """The HTTP API, with the API keys of `SLUICE_FEATURES_API_KEYS` (none: open)."""
+    keys = parse_keys(settings.features_api_keys)
+    authorize_key = functools.partial(authorize, keys) if keys else None
+    return create_api(registry, redis, ready, authorize=authorize_key)
+
+
 def serve_http(
     settings: FeaturesSettings, registry: FeatureRegistry, redis: Redis, ready: Callable[[], bool]
 ) -> None:
     """Start the HTTP API on a daemon thread."""
     config = uvicorn.Config(
-        create_api(registry, redis, ready),
+        http_api(settings, registry, redis, ready),
         host=settings.features_http_host,
         port=settings.features_http_port,
         log_level="warning",

@@ -73,3 +73,9 @@ class FeaturesSettings(SluiceSettings):
         le=65535,
         description="Port of /v1/features, /healthz, /readyz and /metrics; 0 = no HTTP server.",
     )
+    features_api_keys: str = Field(
+        "",
+        description="API keys of the HTTP API, comma-separated `name:sha256-of-key:role+role` "
+        "(the gateway's format); reading an entity's features needs `admin`. Empty = no keys "
+        "required (local dev).",
+    )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from schemas.messages import Event, Label, Scalar
 from schemas.topics import EVENTS, LABELS
-from services.ingest.auth import authorize, parse_keys
+from services.common.apikeys import authorize, parse_keys
 from services.ingest.capture import capture
 from services.ingest.gateway import Gateway, GatewayError, ModelCatalog, PredictItem
 from services.ingest.limits import BodySizeLimit

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from services.ingest.auth import ROLES, hash_key
+from services.common.apikeys import ROLES, hash_key
 
 app = typer.Typer(no_args_is_help=True)
 

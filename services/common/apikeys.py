@@ -1,8 +1,11 @@
-"""API keys with roles. Keys are configured as SHA-256 hashes (never in clear), presented keys
-are hashed and compared with every configured hash in constant time, and no key is ever logged.
+"""API keys with roles, for the gateway (`SLUICE_INGEST_API_KEYS`) and the features API
+(`SLUICE_FEATURES_API_KEYS`). Keys are configured as SHA-256 hashes (never in clear), presented
+keys are hashed and compared with every configured hash in constant time, and no key is ever
+logged.
 
 Roles: `predict` (predictions, Open Inference Protocol), `ingest` (events, labels), `admin`
-(everything). With no keys configured, as on the local dev cluster, every call is allowed.
+(everything, and reading features). With no keys configured, as on the local dev cluster, every
+call is allowed.
 """
 
 from __future__ import annotations
