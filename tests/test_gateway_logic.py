@@ -47,6 +47,7 @@ def test_each_invalid_line_is_reported_with_its_reason():
         (2, b"not json"),
         (3, [1, 2]),
         (4, {"event_id": "e"}),
+        (5, {"schema_version": "2", "event_id": "e", "event_type": "t", "ts_ms": 1}),
     ]
     valid, rejected = validate_items(items, Event)
     assert [line for line, _ in valid] == [1]
@@ -54,7 +55,9 @@ def test_each_invalid_line_is_reported_with_its_reason():
         (2, "malformed_json"),
         (3, "schema_invalid"),
         (4, "schema_invalid"),
+        (5, "unsupported_schema_version"),
     ]
+    assert rejected[2]["error"]["details"][0]["loc"], "field paths of the invalid line"
 
 
 def test_oip_matrix_and_per_feature_inputs_give_the_same_rows():

@@ -103,6 +103,23 @@ def _classify(model: type[Message], data: bytes, error: ValidationError) -> Deco
         obj = from_json(data)
     except ValueError as exc:
         return DecodeError("malformed_json", f"not valid JSON: {exc}")
+    return _classify_object(model, obj, error)
+
+
+def decode_object(model: type[M], obj: object) -> M:
+    """Validate an already parsed JSON value as `model`, classified as `decode` classifies
+    bytes (`schema_invalid`, `unsupported_schema_version`); for callers that split a body
+    into items themselves."""
+    try:
+        message = model.model_validate(obj)
+    except ValidationError as exc:
+        raise _classify_object(model, obj, exc) from None
+    if message.schema_version > _supported(model):
+        raise _newer(model, message.schema_version)
+    return message
+
+
+def _classify_object(model: type[Message], obj: object, error: ValidationError) -> DecodeError:
     if not isinstance(obj, dict):
         return DecodeError("schema_invalid", f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version", 1)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from pydantic import ValidationError
 
 from schemas.messages import ErrorBody, Event, Label, Message
-from services.common.codec import encode, validation_details
+from services.common.codec import DecodeError, decode_object, encode
 from services.ingest.gateway import GatewayError
 from services.ingest.producer import AsyncProducer, DeliveryError
 
@@ -56,17 +55,10 @@ def validate_items(
         except orjson.JSONDecodeError as exc:
             rejected.append(_rejection(line, "malformed_json", f"not valid JSON: {exc}"))
             continue
-        if not isinstance(obj, dict):
-            rejected.append(_rejection(line, "schema_invalid", "expected a JSON object"))
-            continue
         try:
-            valid.append((line, model.model_validate(obj)))
-        except ValidationError as exc:
-            rejected.append(
-                _rejection(
-                    line, "schema_invalid", f"invalid {model.__name__}", validation_details(exc)
-                )
-            )
+            valid.append((line, decode_object(model, obj)))
+        except DecodeError as exc:
+            rejected.append(_rejection(line, exc.body.code, exc.body.message, exc.body.details))
     return valid, rejected
 
 
