@@ -4,7 +4,7 @@ STAMP := .sluice/.installed-$(shell cat pyproject.toml deploy/local/apt-packages
 COMPOSE ?= docker compose -f deploy/docker-compose.yml
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench lint format schemas up down clean
+.PHONY: install run test bench soak lint format schemas up down clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ test: install ## the whole suite against a private local cluster started by the 
 
 bench: install ## benchmarks: prints a table, writes .bench/results.json
 	$(PYTHON) -m tests.bench
+
+SOAK_SECONDS ?= 600
+SOAK_RATE ?= 50
+soak: install ## every service under steady load (SOAK_SECONDS, SOAK_RATE); not part of CI
+	$(PYTHON) -m tests.soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
 
 lint: install
 	$(PYTHON) -m ruff check .

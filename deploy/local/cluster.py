@@ -10,11 +10,15 @@ Everything lives under one state directory:
     <state>/<part>.pid       line 1 the pid, line 2 the shell-quoted command (parts: kafka, redis,
                              clickhouse)
     <state>/logs/            stdout and stderr of every part, and ClickHouse's own log files
-    <state>/redis/           Redis's working directory (persistence is off)
+    <state>/redis/           Redis's working directory (persistence is off unless
+                             `ClusterConfig.redis_durable`: then its append-only files)
     <state>/clickhouse/      the generated config.xml and users.xml, and data/
     <state>/cluster.env      `export SLUICE_...=...` lines pointing services at this cluster
 
 Tansu keeps its data in memory: topics and messages are gone once the broker stops.
+
+`stop_part` stops one part and `up` starts it again, which is how the fault tests play an outage
+of the broker, Redis or ClickHouse.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +92,10 @@ class ClusterConfig:
     clickhouse_http_port: int = LOCAL_CLICKHOUSE_HTTP_PORT
     clickhouse_database: str = "sluice"
     host: str = "127.0.0.1"
+    redis_durable: bool = False
+    """Redis appends every write to a file and fsyncs it before answering (`appendfsync
+    always`), so a stopped or killed Redis comes back with every acknowledged write. Off by
+    default: the local online store, like the docker-compose one, keeps nothing on disk."""
 
     def __post_init__(self) -> None:
         ports = [
@@ -239,26 +247,29 @@ def down(config: ClusterConfig, *, wipe: bool = False) -> list[str]:
     removed. `wipe=True` also deletes the data, logs and generated files under the state dir.
     """
     layout = _Layout(config.state_dir)
-    stopping: dict[str, int] = {}
-    for name in PART_NAMES:
-        pid, _ = _our_process(layout, name)
-        if pid is not None:
-            _signal_group(pid, signal.SIGTERM)
-            stopping[name] = pid
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for pid in stopping.values():
-        if not _wait_for_exit(pid, deadline):
-            _signal_group(pid, signal.SIGKILL)
-            _wait_for_exit(pid, time.monotonic() + STOP_TIMEOUT_S)
-    for name in PART_NAMES:
-        layout.pid_file(name).unlink(missing_ok=True)
+    stopped = _stop_parts(layout, PART_NAMES, signal.SIGTERM)
     if wipe:
         for directory in (layout.logs, layout.redis, layout.clickhouse):
             shutil.rmtree(directory, ignore_errors=True)
         layout.env_file.unlink(missing_ok=True)
         if layout.root.is_dir() and not any(layout.root.iterdir()):
             layout.root.rmdir()
-    return list(stopping)
+    return stopped
+
+
+def stop_part(config: ClusterConfig, name: str, *, kill: bool = False) -> bool:
+    """Stop one part of the cluster (`kafka`, `redis` or `clickhouse`); `up` starts it again.
+
+    For playing outages: SIGTERM (a clean shutdown) by default, SIGKILL with `kill=True` (a
+    crash); either way the part is gone when this returns. Only a process this state directory
+    started is signalled (see `down`). Returns whether the part was running. What survives a
+    restart: nothing of the in-memory broker (`up` recreates the catalog's topics, empty);
+    Redis's data only with `redis_durable`; ClickHouse's tables and rows always.
+    """
+    if name not in PART_NAMES:
+        raise ValueError(f"no part named {name!r}; parts are {', '.join(PART_NAMES)}")
+    sig = signal.SIGKILL if kill else signal.SIGTERM
+    return bool(_stop_parts(_Layout(config.state_dir), [name], sig))
 
 
 def status(config: ClusterConfig) -> list[PartStatus]:
@@ -362,8 +373,11 @@ def _commands(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> dic
             config.host,
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *(
+                ["--appendonly", "yes", "--appendfsync", "always"]
+                if config.redis_durable
+                else ["--appendonly", "no"]
+            ),
             "--dir",
             str(layout.redis),
             "--set-proc-title",
@@ -557,6 +571,25 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _stop_parts(layout: _Layout, names: Sequence[str], sig: signal.Signals) -> list[str]:
+    """Signal the process group of each named part that runs, wait for every one to exit
+    (SIGKILL after `STOP_TIMEOUT_S`), remove their PID files; returns the names stopped."""
+    stopping: dict[str, int] = {}
+    for name in names:
+        pid, _ = _our_process(layout, name)
+        if pid is not None:
+            _signal_group(pid, sig)
+            stopping[name] = pid
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for pid in stopping.values():
+        if not _wait_for_exit(pid, deadline):
+            _signal_group(pid, signal.SIGKILL)
+            _wait_for_exit(pid, time.monotonic() + STOP_TIMEOUT_S)
+    for name in names:
+        layout.pid_file(name).unlink(missing_ok=True)
+    return list(stopping)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

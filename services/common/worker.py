@@ -9,7 +9,9 @@ Guarantees, in the order a batch goes through them:
    (an outage of Redis, ClickHouse, ...) retries the whole batch with backoff and never drops
    it; any other exception is isolated to the record that raised it, which goes to the DLQ.
 3. Every output is produced and acknowledged by the broker before any offset is committed:
-   at-least-once delivery. Effects must therefore be idempotent.
+   at-least-once delivery. Effects must therefore be idempotent. A producer that fails fatally
+   or gets nothing acknowledged for `delivery_stall_s` is replaced and the batch's outputs are
+   produced again.
 4. On SIGTERM/SIGINT the batch in hand finishes, its offsets are committed, and the worker
    leaves the group.
 
@@ -116,6 +118,10 @@ class FixedBatch:
 
 class _Stopping(Exception):
     """Internal: a stop was requested while a batch was being retried; do not commit it."""
+
+
+class _ProducerBroken(Exception):
+    """Internal: the producer failed fatally or stalled; replace it and produce again."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,7 @@ class KafkaWorker:
         statistics_interval_ms: int = 5000,
         max_backoff_s: float = 5.0,
         idle_poll_s: float = 0.1,
+        delivery_stall_s: float = 10.0,
     ) -> None:
         self.service = service
         self.group_id = group_id
@@ -276,6 +283,8 @@ class KafkaWorker:
         self.batch_policy = batch_policy or FixedBatch()
         self.max_backoff_s = max_backoff_s
         self.idle_poll_s = idle_poll_s
+        self.delivery_stall_s = delivery_stall_s
+        self.settings = settings
         self.metrics = _WorkerMetrics.for_service(service)
         self.assigned: set[tuple[str, int]] = set()
         self._stopping = threading.Event()
@@ -332,7 +341,10 @@ class KafkaWorker:
         messages = collect_batch(
             self.consumer.poll, self.consumer.consume, max_messages, max_wait_s, self.idle_poll_s
         )
-        self.producer.poll(0)
+        try:
+            self.producer.poll(0)
+        except KafkaException as exc:  # fatal: _deliver replaces the producer when it next fails
+            log.warning("producer error", extra={"error": str(exc)})
         if not messages:
             return 0
         started = time.perf_counter()
@@ -505,19 +517,59 @@ class KafkaWorker:
         delay = 0.1
         while pending:
             self._delivery_errors = []
-            for output in pending:
-                try:
-                    self._produce(output)
-                except KafkaException as exc:
-                    self._delivery_errors.append((output, exc.args[0]))
-            while self.producer.flush(1.0) > 0:
-                if self._stopping.is_set() and self.producer.flush(10.0) > 0:
-                    raise _Stopping
+            try:
+                self._produce_and_wait(pending)
+            except _ProducerBroken as exc:  # the whole round again, acked or not: at least once
+                self._replace_producer(str(exc))
+                continue
             pending = self._reroute_permanent_failures(self._delivery_errors)
             if pending:
                 log.warning("delivery failed, retrying", extra={"messages": len(pending)})
                 self._wait_or_stop(delay)
                 delay = min(delay * 2, self.max_backoff_s)
+
+    def _produce_and_wait(self, outputs: list[Output]) -> None:
+        """One round of `_deliver`; raises `_ProducerBroken` on a fatal producer error or when
+        nothing was acknowledged for `delivery_stall_s`."""
+        try:
+            for output in outputs:
+                try:
+                    self._produce(output)
+                except KafkaException as exc:
+                    if exc.args[0].fatal():
+                        raise
+                    self._delivery_errors.append((output, exc.args[0]))
+            progress_at, waiting = time.monotonic(), len(self.producer)
+            while (left := self.producer.flush(1.0)) > 0:
+                if self._stopping.is_set() and self.producer.flush(10.0) > 0:
+                    raise _Stopping
+                if left < waiting:
+                    progress_at, waiting = time.monotonic(), left
+                elif time.monotonic() - progress_at > self.delivery_stall_s:
+                    raise _ProducerBroken(f"nothing acknowledged for {self.delivery_stall_s} s")
+        except KafkaException as exc:
+            if not exc.args[0].fatal():
+                raise
+            raise _ProducerBroken(f"fatal producer error: {exc.args[0].str()}") from exc
+
+    def _replace_producer(self, reason: str) -> None:
+        """Drop a broken producer (a fatal error, or nothing acknowledged for
+        `delivery_stall_s`) and start a new one; the caller produces its round again.
+
+        A broker that lost its producer-id state (the local in-memory broker after a restart,
+        or a topic deleted and re-created) makes librdkafka's idempotent producer either fail
+        fatally (OUT_OF_ORDER_SEQUENCE_NUMBER) or retry UNKNOWN_PRODUCER_ID forever with
+        epochs it bumps locally; a new producer gets a new id. Against a broker that is simply
+        down, replacing is harmless.
+        """
+        log.warning("replacing the producer", extra={"reason": reason})
+        broken = self.producer
+        self.producer = make_producer(self.settings)
+        try:
+            broken.purge()
+            broken.flush(1.0)  # its reports are moot: the caller produces the round again
+        except KafkaException:
+            pass
 
     def _reroute_permanent_failures(
         self, failures: list[tuple[Output, KafkaError]]

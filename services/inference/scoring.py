@@ -147,6 +147,7 @@ def fill_row(
     job: Job,
     plan: FeaturePlan,
     online: Mapping[tuple[str, str], Mapping[str, float | None]],
+    store_unavailable: bool = False,
 ) -> None:
     """Set `job.row` (or `job.error`) from request-time and online values, per the plan.
 
@@ -155,6 +156,10 @@ def fill_row(
     declared default (and are listed in `job.defaulted`); a
     feature without a default is required. Strings where numbers are expected, and NaN/inf
     where the feature does not allow them, are errors that name the feature.
+
+    `store_unavailable` says the online store could not be read (`online` is then empty): the
+    request is scored degraded when every online feature it lacks has a default, and otherwise
+    fails with `online_store_unavailable` (not `missing_feature`: the value may well exist).
     """
     request = job.request
     request_values = request.features
@@ -173,7 +178,7 @@ def fill_row(
         if type(raw) is float and (raw == raw and raw not in _INFINITIES or spec.allow_nan):
             row.append(raw)
             continue
-        value = _checked_value(job, spec, raw)
+        value = _checked_value(job, spec, raw, store_unavailable and entity is not None)
         if value is None:
             return
         row.append(value)
@@ -183,9 +188,19 @@ def fill_row(
 _INFINITIES = (math.inf, -math.inf)
 
 
-def _checked_value(job: Job, spec: FeatureSpec, raw: object) -> float | None:
+def _checked_value(
+    job: Job, spec: FeatureSpec, raw: object, store_unavailable: bool = False
+) -> float | None:
     """The slow path of `fill_row`: defaults, conversions and errors (set on the job)."""
     if raw is None:
+        if spec.default is None and store_unavailable:
+            job.error = ErrorBody(
+                code="online_store_unavailable",
+                message=f"the online store is unavailable and required feature {spec.name!r} "
+                "has no default",
+                details={"feature": spec.name, "source": spec.source},
+            )
+            return None
         if spec.default is None:
             job.error = ErrorBody(
                 code="missing_feature",

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from schemas.messages import ErrorBody, PredictionRequest, Route, RoutingTable
 from services.common.codec import encode_obj
 from services.common.metrics import LATENCY_BUCKETS_S, metric
-from services.common.worker import Output, Record, RetryableError
+from services.common.worker import Output, Record
 from services.features.client import read_features
 from services.inference.batcher import AdaptiveBatch
 from services.inference.engine import Engine
@@ -82,6 +82,16 @@ class _Metrics:
         self.loaded = metric(
             Gauge, "sluice_inference_loaded_versions", "Versions loaded", ["model", "device"]
         )
+        self.store_errors = metric(
+            PromCounter,
+            "sluice_inference_online_store_errors_total",
+            "Batches whose online features could not be read (Redis down or timing out)",
+        )
+        self.degraded = metric(
+            PromCounter,
+            "sluice_inference_degraded_total",
+            "Predictions scored with defaults because the online store was unavailable",
+        )
 
 
 class InferenceService:
@@ -99,6 +109,7 @@ class InferenceService:
         self.versions: dict[str, dict[str, LoadedVersion]] = {}
         self.tables: dict[str, RoutingTable] = {}
         self.metrics = _Metrics()
+        self._store_error_logged_at = float("-inf")
 
     # -- state changes (control thread) -------------------------------------------------------
 
@@ -166,14 +177,14 @@ class InferenceService:
         }
         plans = {key: loaded.plan for key, loaded in loaded_for.items()}
         features_started = time.perf_counter()
-        online = self._read_online(jobs, plans)
+        online, store_unavailable = self._read_online(jobs, plans)
         features_ms = (time.perf_counter() - features_started) * 1000
 
         by_version: dict[tuple[str, str], list[Job]] = defaultdict(list)
         for job in jobs:
             if job.error is None:
                 key = (job.request.model, job.version)
-                fill_row(job, plans[key], online)
+                fill_row(job, plans[key], online, store_unavailable)
                 if job.error is None:
                     by_version[key].append(job)
 
@@ -191,6 +202,7 @@ class InferenceService:
                 features_ms,
                 consumed_ms,
                 scored_ms,
+                store_unavailable,
             )
             for job in jobs
         ]
@@ -221,18 +233,32 @@ class InferenceService:
             for model_ms in {result[2] for result in results.values()}:
                 self.metrics.model_seconds.observe(model_ms / 1000)
 
-    def _read_online(self, jobs, plans) -> dict[tuple[str, str], dict[str, float | None]]:
+    def _read_online(
+        self, jobs, plans
+    ) -> tuple[dict[tuple[str, str], dict[str, float | None]], bool]:
+        """The batch's online values in one round trip, and whether the store was unavailable.
+
+        An outage is not retried: waiting would hold every request of the batch past its
+        deadline. The batch is answered now instead, each request degraded to its features'
+        defaults or failed with `online_store_unavailable` (`fill_row`), and the next batch
+        tries the store again (the client reconnects by itself once Redis is back).
+        """
         wants = online_wants(jobs, plans)
         if not wants:
-            return {}
+            return {}, False
         keys = list(wants)
         try:
             reads = read_features(
                 self.redis, [(entity, eid, sorted(wants[(entity, eid)])) for entity, eid in keys]
             )
         except RedisError as exc:
-            raise RetryableError(f"online store unavailable: {exc}") from exc
-        return {key: read.values for key, read in zip(keys, reads, strict=True)}
+            self.metrics.store_errors.inc()
+            now = time.monotonic()
+            if now - self._store_error_logged_at > 5.0:  # one line per outage, not per batch
+                self._store_error_logged_at = now
+                log.warning("online store unavailable", extra={"error": str(exc)})
+            return {}, True
+        return {key: read.values for key, read in zip(keys, reads, strict=True)}, False
 
     def _run(self, loaded: LoadedVersion, jobs: Sequence[Job], results: dict) -> None:
         limit = self.settings.inference_max_batch_size
@@ -257,6 +283,7 @@ class InferenceService:
         features_ms: float,
         consumed_ms: float,
         scored_ms: float,
+        store_unavailable: bool = False,
     ) -> Output:
         request = job.request
         body: dict = {
@@ -291,6 +318,9 @@ class InferenceService:
             body["batch_size"] = batch_size
         body["latency"] = latency
         headers = {"request_id": request.request_id, "route": job.route.value}
+        if store_unavailable and result is not None and job.defaulted:
+            headers["degraded"] = "online_store_unavailable"
+            self.metrics.degraded.inc()
         reply = record.headers.get("reply_partition")
         partition = None
         if reply is not None and job.route is not Route.shadow:

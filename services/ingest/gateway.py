@@ -33,6 +33,7 @@ ERROR_STATUS = {
     "wrong_dtype": 422,
     "invalid_value": 422,
     "oversized_request": 413,
+    "online_store_unavailable": 503,
 }
 
 

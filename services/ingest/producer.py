@@ -9,13 +9,17 @@ poll, so the request path never blocks on Kafka.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from services.common.kafka import make_producer
 from services.common.settings import SluiceSettings
+
+log = logging.getLogger(__name__)
 
 
 class DeliveryError(Exception):
@@ -27,10 +31,22 @@ class DeliveryError(Exception):
 
 
 class AsyncProducer:
-    """Produce from asyncio code and await the acknowledgement."""
+    """Produce from asyncio code and await the acknowledgement.
 
-    def __init__(self, settings: SluiceSettings, **overrides: Any) -> None:
-        self.producer: Producer = make_producer(settings, **{"linger.ms": 1, **overrides})
+    A producer that fails fatally, or holds messages but has had none acknowledged for
+    `stall_s`, is replaced by a new one; what it held fails with `DeliveryError` (the caller
+    answers 503 and the client may retry). That is how the gateway gets past a broker that
+    lost its producer-id state (the local in-memory broker after a restart), which
+    librdkafka's idempotent producer does not recover from by itself.
+    """
+
+    def __init__(self, settings: SluiceSettings, stall_s: float = 10.0, **overrides: Any) -> None:
+        self._config = {"linger.ms": 1, **overrides}
+        self._settings = settings
+        self.producer: Producer = make_producer(settings, **self._config)
+        self.stall_s = stall_s
+        self.replaced = 0
+        self._last_progress = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
@@ -47,7 +63,27 @@ class AsyncProducer:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.producer.poll(0.05)
+            producer = self.producer
+            try:
+                served = producer.poll(0.05)
+            except KafkaException as exc:  # fatal, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER
+                self._replace(producer, f"fatal producer error: {exc.args[0].str()}")
+                continue
+            if served > 0 or len(producer) == 0:
+                self._last_progress = time.monotonic()
+            elif time.monotonic() - self._last_progress > self.stall_s:
+                self._replace(producer, f"nothing acknowledged for {self.stall_s} s")
+
+    def _replace(self, broken: Producer, reason: str) -> None:
+        log.warning("replacing the producer", extra={"reason": reason, "queued": len(broken)})
+        self.producer = make_producer(self._settings, **self._config)
+        self.replaced += 1
+        self._last_progress = time.monotonic()
+        try:
+            broken.purge()
+            broken.flush(1.0)  # the purged messages' futures fail with DeliveryError
+        except KafkaException:
+            pass
 
     def produce_nowait(
         self,
@@ -65,10 +101,11 @@ class AsyncProducer:
             loop.call_soon_threadsafe(_settle, future, error)
 
         while True:
+            producer = self.producer
             try:
-                self.producer.produce(
-                    topic, value, key=key, headers=headers, on_delivery=on_delivery
-                )
+                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+                if producer is not self.producer:  # replaced meanwhile: may never be polled again
+                    _settle(future, KafkaError(KafkaError._PURGE_QUEUE))
                 return future
             except BufferError:
                 self.producer.poll(0.01)

@@ -1,0 +1,1 @@
+"""Fault tests: the system under crashes, outages and overload, on private local clusters."""
