@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import certifi
+import faust
 import httpx
 import orjson
 import pytest
@@ -34,12 +35,13 @@ from redis.connection import SSLConnection
 from starlette.routing import Mount
 
 from schemas.messages import PredictionRequest
-from schemas.topics import EVENTS, PREDICTIONS, REQUESTS
+from schemas.topics import DLQ, EVENTS, PREDICTIONS, REQUESTS
 from services.common import apikeys
 from services.common.clickhouse import clickhouse_client
 from services.common.codec import encode
 from services.common.kafka import client_config, consumer_config, producer_config
 from services.common.settings import SluiceSettings
+from services.common.worker import KafkaWorker
 from services.features.api import create_api as create_features_api
 from services.features.app import http_api as features_http_api
 from services.features.definitions import FeatureRegistry
@@ -51,7 +53,7 @@ from services.monitor.settings import MonitorSettings
 from services.rollout import auth as rollout_auth
 from services.rollout.settings import RolloutSettings
 from tests.helpers.models import write_version
-from tests.support import body_of, produce_all, read_topic, unique
+from tests.support import body_of, create_topic, json_bodies, produce_all, read_topic, unique
 
 REPO = Path(__file__).resolve().parents[1]
 SECURITY_DOC = REPO / "docs" / "security.md"
@@ -507,6 +509,35 @@ def test_faust_gets_the_sasl_settings():
     assert credentials.username == "sluice-svc" and credentials.password == "kafka-secret-value"
     assert credentials.mechanism.name.replace("_", "-") == "SCRAM-SHA-512"
     assert credentials.ssl_context is not None
+    tls_only = FeaturesSettings(kafka_security_protocol="SSL", kafka_ssl_ca_location=ca)
+    assert isinstance(_faust_credentials(tls_only), faust.SSLCredentials)
+    assert _faust_credentials(FeaturesSettings()) is None
+
+
+def test_the_worker_loop_takes_the_message_size_limit_from_its_settings(cluster):
+    topic = create_topic(cluster.kafka_bootstrap, unique("test.size-limit"), 1)
+    settings = SluiceSettings(kafka_bootstrap=cluster.kafka_bootstrap, kafka_max_message_bytes=1024)
+    request = PredictionRequest(request_id="r-small", model="m", entity_id="e", created_at_ms=1)
+    big = encode(request.model_copy(update={"request_id": "r-big", "features": {"x": "y" * 1100}}))
+    small = encode(request)
+    produce_all(cluster.kafka_bootstrap, topic, [(b"e", big), (b"e", small)])
+    handled: list[str] = []
+    worker = KafkaWorker(
+        settings, service="sizetest", group_id=unique("size-limit"), topics=[topic],
+        handler=lambda records: handled.extend(r.value.request_id for r in records) or [],
+        decoders={topic: PredictionRequest},
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not handled and time.monotonic() < deadline:
+        worker.poll_once()
+    worker.close()
+    assert handled == ["r-small"]
+
+    def letters_of(messages) -> list[dict]:
+        return [b for b in json_bodies(messages) if b.get("source_topic") == topic]
+
+    letters = letters_of(read_topic(cluster.kafka_bootstrap, DLQ.name, letters_of, 30))
+    assert [letter["error"]["code"] for letter in letters] == ["message_too_large"]
 
 
 def assert_redis_is_secured(client: Redis) -> None:

@@ -384,7 +384,11 @@ class KafkaWorker:
         raw = message.value()
         schema = self.decoders.get(topic)
         try:
-            value = decode(schema, raw) if schema is not None else raw
+            value = (
+                decode(schema, raw, self.settings.kafka_max_message_bytes)
+                if schema is not None
+                else raw
+            )
         except DecodeError as exc:
             return self._dead_letter_for(message, exc.body)
         headers = message.headers()

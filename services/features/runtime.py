@@ -203,7 +203,7 @@ class FaustRuntime:
             for event in events:
                 message = event.message
                 try:
-                    value = decode(Event, message.value)
+                    value = decode(Event, message.value, settings.kafka_max_message_bytes)
                 except DecodeError as exc:
                     letters.append(self._dead_letter(message, exc))
                     continue
@@ -258,8 +258,15 @@ async def _retrying(attempt: Callable[[], asyncio.Future], max_backoff_s: float 
             delay = min(delay * 2, max_backoff_s)
 
 
-def _faust_credentials(settings: FeaturesSettings) -> faust.SASLCredentials | None:
-    """SASL credentials for faust from the shared Kafka settings (None for PLAINTEXT)."""
+def _faust_credentials(
+    settings: FeaturesSettings,
+) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """faust's credentials from the shared Kafka settings: SASL (with TLS for SASL_SSL), TLS
+    alone for SSL, None for PLAINTEXT."""
+    if settings.kafka_security_protocol == "SSL":
+        return faust.SSLCredentials(
+            ssl.create_default_context(cafile=settings.kafka_ssl_ca_location)
+        )
     if not settings.kafka_security_protocol.startswith("SASL"):
         return None
     password = settings.kafka_sasl_password
