@@ -229,6 +229,8 @@ def soak(seconds: float, rate: float, warmup: float, args: argparse.Namespace) -
         declare_champion(settings)
         ensure_models(settings)
         stack = services(cluster, ports, root, cluster.state_dir)
+        for service in stack:  # steady state: no retraining (a CPU burst) during the soak
+            service.env.pop("SLUICE_ROLLOUT_RETRAIN_HOOK", None)
         local = "http://127.0.0.1"
         metrics = {
             "ingest": f"{local}:{ports.ingest}",

@@ -337,11 +337,6 @@ def test_a_body_declared_over_the_limit_is_refused_before_any_key_check():
     assert client.post("/v1/events", content=b"x" * 100).status_code == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/ingest/limits.py raises inside receive(); FastAPI turns that into 400 "
-    "'There was an error parsing the body' before BodySizeLimit can answer 413",
-)
 def test_a_streamed_body_over_the_limit_is_cut_off_with_413():
     """Without a Content-Length the limit applies as the chunks arrive."""
     client, keys = limited_gateway()

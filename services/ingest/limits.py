@@ -5,12 +5,10 @@ from __future__ import annotations
 import orjson
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """Refuse bodies over `max_bytes`: by Content-Length up front, or as chunks arrive."""
+    """Refuse bodies over `max_bytes`: by Content-Length up front, or as chunks arrive. In the
+    streamed case the 413 is sent from here the moment the limit is crossed; the app then sees
+    the client disconnect, and whatever it answers is dropped."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -25,27 +23,30 @@ class BodySizeLimit:
             await self._refuse(send)
             return
         seen = 0
-        started = False
+        started = refused = False
 
         async def counting_receive():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, counting_receive, tracking_send)
 
     async def _refuse(self, send) -> None:
         body = orjson.dumps(

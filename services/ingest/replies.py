@@ -49,7 +49,7 @@ class ReplyListener:
         config = consumer_config(
             settings,
             group_id,
-            **{"auto.offset.reset": "latest", "fetch.wait.max.ms": 1, "fetch.min.bytes": 1},
+            **{"auto.offset.reset": "latest", "fetch.min.bytes": 1},
         )
         self.consumer = Consumer(config)
         self._thread = threading.Thread(target=self._loop_forever, name="replies", daemon=True)
