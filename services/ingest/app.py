@@ -20,6 +20,7 @@ from services.ingest.capture import capture
 from services.ingest.gateway import Gateway, GatewayError, ModelCatalog, PredictItem
 from services.ingest.limits import BodySizeLimit
 from services.ingest.oip import router as oip_router
+from services.ingest.openapi import capture_body
 from services.ingest.producer import AsyncProducer
 from services.ingest.replies import ReplyListener
 from services.ingest.responses import JSONBody
@@ -157,7 +158,12 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         ]
         return {"predictions": await gateway.predict(model, items, deadline)}
 
-    @app.post("/v1/events", dependencies=[role("ingest")], status_code=202)
+    @app.post(
+        "/v1/events",
+        dependencies=[role("ingest")],
+        status_code=202,
+        openapi_extra=capture_body(Event),
+    )
     async def post_events(request: Request) -> JSONBody:
         status, body = await capture(
             request.app.state.producer,
@@ -168,7 +174,12 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         )
         return JSONBody(body, status_code=status)
 
-    @app.post("/v1/labels", dependencies=[role("ingest")], status_code=202)
+    @app.post(
+        "/v1/labels",
+        dependencies=[role("ingest")],
+        status_code=202,
+        openapi_extra=capture_body(Label),
+    )
     async def post_labels(request: Request) -> JSONBody:
         status, body = await capture(
             request.app.state.producer,

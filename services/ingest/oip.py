@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from services.inference.client import RegistryError, TensorSpec, load_manifest, tensor_specs
 from services.ingest.gateway import Gateway, GatewayError, PredictItem
+from services.ingest.openapi import json_body
 from services.ingest.responses import JSONBody
 
 NUMERIC_TYPES = {
@@ -266,7 +267,11 @@ def router(require_predict) -> APIRouter:
             dependencies=guarded,
         )
         api.add_api_route(
-            f"/models/{{model}}{suffix}/infer", _bind(infer), methods=["POST"], dependencies=guarded
+            f"/models/{{model}}{suffix}/infer",
+            _bind(infer),
+            methods=["POST"],
+            dependencies=guarded,
+            openapi_extra=json_body(InferRequest),
         )
     return api
 
