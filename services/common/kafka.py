@@ -99,26 +99,9 @@ class DeadLetters:
 
     def send(self, message: Message, error: ErrorBody) -> None:
         """Queue the dead letter of `message` (the original cut as in the worker loop)."""
-        from services.common.worker import dead_letter  # the worker imports this module
+        from services.common.worker import dead_letter_of  # the worker imports this module
 
-        letter = dead_letter(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            message.key(),
-            message.value(),
-            error,
-            self.consumer_group,
-        )
-        log.warning(
-            "dead-lettered",
-            extra={
-                "topic": message.topic(),
-                "partition": message.partition(),
-                "offset": message.offset(),
-                "code": error.code,
-            },
-        )
+        letter = dead_letter_of(message, error, self.consumer_group)
         value = encode(letter.value)  # type: ignore[arg-type]
         while True:
             try:

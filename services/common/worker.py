@@ -248,6 +248,28 @@ def dead_letter(
     return Output(topic=DLQ.name, value=letter, key=key)
 
 
+def dead_letter_of(message: Message, error: ErrorBody, group: str) -> Output:
+    """The DLQ output for a consumed `message`, logged (without its content)."""
+    log.warning(
+        "dead-lettered",
+        extra={
+            "topic": message.topic(),
+            "partition": message.partition(),
+            "offset": message.offset(),
+            "code": error.code,
+        },
+    )
+    return dead_letter(
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        message.key(),
+        message.value(),
+        error,
+        group,
+    )
+
+
 class KafkaWorker:
     """Consumes `topics` as member of `group_id` and runs `handler` on decoded batches.
 
@@ -405,24 +427,7 @@ class KafkaWorker:
 
     def _dead_letter_for(self, message: Message, error: ErrorBody) -> Output:
         self.metrics.dead_lettered.labels(message.topic(), error.code).inc()
-        log.warning(
-            "dead-lettered",
-            extra={
-                "topic": message.topic(),
-                "partition": message.partition(),
-                "offset": message.offset(),
-                "code": error.code,
-            },
-        )
-        return dead_letter(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            message.key(),
-            message.value(),
-            error,
-            self.group_id,
-        )
+        return dead_letter_of(message, error, self.group_id)
 
     def _record_dead_letter(self, record: Record, error: ErrorBody) -> Output:
         self.metrics.dead_lettered.labels(record.topic, error.code).inc()
