@@ -29,3 +29,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]
 def cluster_env(cluster: ClusterConfig) -> dict[str, str]:
     """The `SLUICE_*` variables that point a service at the `cluster` fixture."""
     return cluster.env()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fault suite (`tests/faults/`) runs last: what its outages leave behind for a while
+    (a restarted broker's CPU, ClickHouse and Redis recovering) must not slow the timing-aware
+    tests that would otherwise run right after it, such as the 45 s demo."""
+    items.sort(key=lambda item: "faults" in item.path.parts)

@@ -36,6 +36,9 @@ def test_demo_runs_every_service_and_scores_live_traffic(tmp_path):
     assert traffic.sync_ok > 100 and traffic.sync_failed <= traffic.sync_ok * 0.01
     assert traffic.labels_sent > 0
     assert report.rollout_started == 201
-    assert report.rollout_state.startswith(("shadow", "canary", "promoted")), report.rollout_state
+    assert report.rollout_state.startswith(("shadow", "canary", "promoted")), (
+        report.rollout_state,
+        report.rollout_reason,
+    )
     assert (tmp_path / "models" / "fraud" / "1" / "manifest.json").exists()
     assert not any(part.running for part in status(cluster)), "the demo stops what it started"

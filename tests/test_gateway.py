@@ -322,10 +322,10 @@ def test_a_batch_with_three_bad_lines_names_exactly_those_lines(cluster, stack):
     stored = read_topic(
         cluster.kafka_bootstrap,
         LABELS.name,
-        lambda ms: sum(body_of(m).get("request_id").startswith(tag) for m in ms) >= 7,
+        lambda ms: sum(str(body_of(m).get("request_id")).startswith(tag) for m in ms) >= 7,
         30,
     )
-    assert sum(body_of(m).get("request_id").startswith(tag) for m in stored) == 7
+    assert sum(str(body_of(m).get("request_id")).startswith(tag) for m in stored) == 7
 
 
 def test_api_keys_enforce_roles(stack):

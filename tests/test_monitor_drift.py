@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 
 from schemas.messages import Alert, AlertState, Prediction, Route
@@ -34,7 +33,7 @@ from services.monitor.rows import prediction_columns
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import Store
 from services.monitor.windows import Window
-from tests.support import read_topic, unique
+from tests.support import json_bodies, read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -189,8 +188,8 @@ def test_the_alert_reaches_the_alerts_topic(drift_run, cluster):
     def ours(messages) -> list[dict]:
         return [
             value
-            for value in (orjson.loads(m.value()) for m in messages)
-            if value["model"] == model and value["kind"] == "drift"
+            for value in json_bodies(messages)
+            if value.get("model") == model and value.get("kind") == "drift"
         ]
 
     messages = read_topic(cluster.kafka_bootstrap, ALERTS.name, lambda ms: bool(ours(ms)))

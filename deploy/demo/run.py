@@ -334,6 +334,8 @@ class DemoReport:
     """HTTP status of the rollout start (201 when it started)."""
     rollout_state: str = ""
     """The rollout's state when the demo stopped, e.g. `canary[1]` or `promoted`."""
+    rollout_reason: str = ""
+    """Why it is in that state (its last decision's reason)."""
 
 
 class Scrape:
@@ -606,7 +608,8 @@ def run(
         traffic.stop()
         time.sleep(1)
         try:
-            report.rollout_state = httpx.get(f"{rollout_url}/fraud", timeout=5).json()["state"]
+            view = httpx.get(f"{rollout_url}/fraud", timeout=5).json()
+            report.rollout_state, report.rollout_reason = view["state"], view["reason"]
         except (httpx.HTTPError, ValueError, KeyError):
             report.rollout_state = "unknown"
         if live_view is not None:
