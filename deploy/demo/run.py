@@ -130,7 +130,10 @@ def services(cluster: ClusterConfig, ports: Ports, root: Path, state_dir: Path) 
         **cluster.env(),
         "SLUICE_MODEL_REPOSITORY": str(root),
         "SLUICE_LOG_LEVEL": "INFO",
-        "SLUICE_KAFKA_FETCH_WAIT_MAX_MS": "2",
+        # Each hop may wait this long on the local broker (it never wakes a waiting fetch), but
+        # every poll costs the broker CPU that grows with the data it holds: 2 ms saturated it
+        # within minutes of demo traffic, 10 ms later (docs/reliability.md, soak).
+        "SLUICE_KAFKA_FETCH_WAIT_MAX_MS": "10",
     }
     local = "http://127.0.0.1"
     return [
