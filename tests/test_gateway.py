@@ -103,6 +103,11 @@ def stack(cluster, tmp_path_factory):
     gateway = GatewayProcess({**env, "SLUICE_INGEST_REPLY_GROUP": group})
     try:
         gateway.wait_ready()
+        # the first request must not spend its deadline waiting for inference's group join
+        deadline = time.monotonic() + 60
+        while not worker.ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.ready(), "inference was assigned no partition of sluice.requests"
         yield {"model": model, "root": root, "env": env, "group": group, "gateway": gateway}
     finally:
         gateway.stop()
