@@ -205,6 +205,8 @@ def test_drift_alert_retrains_registers_and_rolls_out_the_new_version(private_cl
                 return False
 
         _deadline(240, rolling_out, "a rollout of the retrained version")
+        # the step is recorded just after the rollout starts
+        _deadline(10, lambda: len(_steps(app)) == 4, "the rollout_started step")
         runs = retrain_runs(app.retrainer.retrains.ch, "fraud", 0, 2**32 - 1)
         assert len(runs) == 1
         steps = runs[0].steps
