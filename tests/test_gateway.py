@@ -108,6 +108,14 @@ def stack(cluster, tmp_path_factory):
         while not worker.ready() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert worker.ready(), "inference was assigned no partition of sluice.requests"
+        # a new inference group starts at the earliest offset of the session's shared
+        # sluice.requests: one request with a long deadline returns once that backlog is scored
+        warm_up = httpx.post(
+            f"{gateway.url}/v1/models/{model}/predict",
+            json={**body(0), "timeout_ms": 30_000},
+            timeout=40,
+        )
+        assert warm_up.status_code == 200, warm_up.text
         yield {"model": model, "root": root, "env": env, "group": group, "gateway": gateway}
     finally:
         gateway.stop()
