@@ -13,9 +13,10 @@ as the worker loop does, and keep going.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -79,9 +80,54 @@ def consumer_config(settings: SluiceSettings, group_id: str, **overrides: Any) -
     }
 
 
-def make_producer(settings: SluiceSettings, **overrides: Any) -> Producer:
+class ServiceProducer(Producer):
+    """A `Producer` whose fatal errors always arrive as `KafkaException`.
+
+    confluent-kafka 2.13+ on Python < 3.12 re-raises an error met inside `flush`/`poll`
+    callbacks with the class of its value (`cfl_exception_restore`), so a fatal idempotence
+    error (OUT_OF_ORDER_SEQUENCE_NUMBER after the broker lost its producer state) can surface
+    as the bare `KafkaError` object. No `except` clause but a bare one matches that, so the
+    services' handler for exactly this error (replace the producer) never ran and the process
+    died. Each call here turns it back into the documented `KafkaException`.
+    """
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            return super().produce(*args, **kwargs)
+        except (KafkaException, BufferError):
+            raise
+        except:  # noqa: E722 - the bare KafkaError matches nothing narrower
+            _reraise_documented()
+
+    def poll(self, *args: Any, **kwargs: Any) -> int:
+        try:
+            return super().poll(*args, **kwargs)
+        except KafkaException:
+            raise
+        except:  # noqa: E722
+            _reraise_documented()
+
+    def flush(self, *args: Any, **kwargs: Any) -> int:
+        try:
+            return super().flush(*args, **kwargs)
+        except KafkaException:
+            raise
+        except:  # noqa: E722
+            _reraise_documented()
+
+
+def _reraise_documented() -> NoReturn:
+    """Inside an `except:` block: raise the `KafkaError` being handled as `KafkaException`,
+    anything else as it was."""
+    value = sys.exc_info()[1]
+    if isinstance(value, KafkaError):
+        raise KafkaException(value) from None
+    raise  # noqa: PLE0704 - re-raises the exception being handled by the caller
+
+
+def make_producer(settings: SluiceSettings, **overrides: Any) -> ServiceProducer:
     """A producer with `producer_config`; call `flush()` before exit."""
-    return Producer(producer_config(settings, **overrides))
+    return ServiceProducer(producer_config(settings, **overrides))
 
 
 class DeadLetters:
