@@ -10,6 +10,7 @@ from services.inference.client import TensorSpec
 from services.ingest.capture import split_items, validate_items
 from services.ingest.gateway import GatewayError
 from services.ingest.oip import InferTensor, OipError, output_tensors, rows_from_inputs
+from services.ingest.replies import start_offsets
 
 
 def test_keys_are_configured_as_hashes_and_checked_by_role():
@@ -117,3 +118,25 @@ def test_cli_prints_a_hashed_key_entry():
     assert result.exit_code == 0
     assert result.output.strip() == f"svc:{hash_key('s3cret')}:predict+ingest"
     assert parse_keys(result.output.strip())[0].roles == {"predict", "ingest"}
+
+
+def test_reply_partitions_lost_briefly_resume_where_the_listener_stopped():
+    starts = start_offsets(
+        partitions=[0, 1, 2, 3],
+        next_offsets={0: 120, 1: 80, 2: 40},
+        revoked_at={0: 100.0, 1: 60.0, 2: 100.0},
+        log_ends={0: 130, 1: 95, 2: 30, 3: 7},
+        now=110.0,
+        window_s=30.0,
+    )
+    assert starts == {
+        0: 120,  # lost 10 s ago: replies produced meanwhile are read
+        1: 95,  # lost 50 s ago, past every deadline: the log end
+        2: 30,  # the log is shorter than where we stopped (broker lost its data): its end
+        3: 7,  # never read here: the log end at assignment
+    }
+
+
+def test_reply_partitions_with_an_unknown_end_resume_or_fall_back_to_the_reset_policy():
+    starts = start_offsets([0, 1], {0: 5}, {0: 9.0}, log_ends={}, now=10.0, window_s=30.0)
+    assert starts == {0: 5}

@@ -259,3 +259,32 @@ def test_shadow_copies_are_scored_off_the_reply_path_after_a_routing_change(clus
     assert all(m.partition() == 3 for m in live), "live replies go to the reply partition"
     assert all(dict(m.headers())["route"] == b"shadow" for m in shadow)
     assert {body_of(m).get("version") for m in shadow} == {"2"}
+
+
+def test_a_routing_table_naming_a_version_this_repository_lacks_leaves_routing_as_it_was(
+    tmp_path, caplog
+):
+    """Processes serving different repositories share `sluice.routing`: a table for a version
+    that is not here is a warning, not an error with a traceback, and moves no traffic."""
+    write_version(tmp_path, "fraud", "1", "gbdt")
+    settings = InferenceSettings(
+        kafka_bootstrap="127.0.0.1:1", model_repository=tmp_path, metrics_port=0
+    )
+    _worker, service, control = build(settings)
+    service.load_repository(tmp_path)
+    tables = [
+        RoutingTable(
+            model="fraud",
+            entries=[RoutingEntry(version=version, role=RouteRole.champion, weight=1.0)],
+            revision=revision,
+            updated_at_ms=1,
+        )
+        for revision, version in ((1, "1"), (2, "9"))
+    ]
+    control.apply(ROUTING.name, encode(tables[0]))
+    with caplog.at_level("WARNING", logger="services.inference.control"):
+        control.apply(ROUTING.name, encode(tables[1]))
+    assert service.tables["fraud"].revision == 1
+    (record,) = [r for r in caplog.records if r.name == "services.inference.control"]
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert "not_found" in record.error

@@ -439,7 +439,7 @@ def kafka_clients(monkeypatch) -> list[dict]:
 
 
 KAFKA_CONSTRUCTION_SITES = [
-    ("services.common.kafka", "Producer"),
+    ("services.common.kafka", "ServiceProducer"),
     ("services.common.worker", "Consumer"),
     ("services.inference.control", "Consumer"),
     ("services.rollout.publisher", "Consumer"),
@@ -463,7 +463,7 @@ def test_kafka_clients_are_built_only_where_the_pass_through_test_looks():
     """A new place that builds a librdkafka client must be added to KAFKA_CONSTRUCTION_SITES,
     and so to the test below."""
     expected = {f"{module.replace('.', '/')}.py" for module, _ in KAFKA_CONSTRUCTION_SITES}
-    assert constructing_files(r"(?<![\w.])(Consumer|Producer|AdminClient)\(") == expected
+    assert constructing_files(r"(?<![\w.])(Consumer|Producer|ServiceProducer|AdminClient)\(") == expected
 
 
 def test_kafka_security_settings_reach_every_producer_consumer_and_admin_client(kafka_clients):

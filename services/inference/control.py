@@ -19,6 +19,7 @@ from schemas.messages import ModelRegistered, RoutingTable
 from schemas.topics import MODELS, ROUTING
 from services.common.codec import decode
 from services.common.kafka import DeadLetters, assign_from_beginning, consumer_config, follow
+from services.inference.registry import RegistryError
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
 
@@ -69,15 +70,22 @@ class ControlPlane:
         """Apply one control message (exposed for tests); a tombstone is ignored.
 
         Raises `DecodeError` for a message that is not a valid `ModelRegistered` or
-        `RoutingTable` (the follow loop dead-letters it).
+        `RoutingTable` (the follow loop dead-letters it). A version that cannot be loaded from
+        this process's repository (`RegistryError`) leaves the routing as it was, with a
+        warning: traffic never moves to a version that cannot serve.
         """
         if value is None:
             return
         limit = self.max_message_bytes
-        if topic == MODELS.name:
-            self._apply_model(decode(ModelRegistered, value, limit))
-        else:
-            self._apply_routing(decode(RoutingTable, value, limit))
+        try:
+            if topic == MODELS.name:
+                self._apply_model(decode(ModelRegistered, value, limit))
+            else:
+                self._apply_routing(decode(RoutingTable, value, limit))
+        except RegistryError as exc:
+            # expected wherever processes serve different repositories (several teams on one
+            # cluster, the shared test cluster): the previous state stays, no traceback
+            log.warning("control message not applied", extra={"topic": topic, "error": str(exc)})
 
     def _apply_model(self, event: ModelRegistered) -> None:
         loaded = self.service.versions.get(event.model, {}).get(event.version)

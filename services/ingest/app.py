@@ -60,7 +60,11 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
         producer = AsyncProducer(settings)
-        replies = ReplyListener(settings, settings.ingest_reply_group)
+        replies = ReplyListener(
+            settings,
+            settings.ingest_reply_group,
+            resume_window_s=settings.ingest_max_timeout_ms / 1000,
+        )
         producer.start(loop)
         replies.start(loop)
         app.state.producer = producer

@@ -10,9 +10,14 @@ that is not a valid `Prediction` (garbage, over `kafka_max_message_bytes`, a new
 to `sluice.dlq` with the reason; its request then ends at its deadline (504). Skipped records are
 not decoded here: the monitor's predictions sink reads every record and dead-letters bad ones.
 
-A rebalance can move a partition while a request waits on it; that request then times out
-(504) and its prediction is still logged. The consumer starts from the latest offset and never
-commits: replies are only useful to the instance that is waiting for them.
+A rebalance revokes partitions while requests wait on them. A partition this instance gets back
+within `resume_window_s` (the longest deadline a caller may set) is read on from the offset it
+had reached, so replies produced during the rebalance still complete their requests; a
+partition moved to another instance leaves its waiters to end at their deadline (504, the
+prediction still logged). Any other partition starts at its log end as of the assignment. Both
+are explicit offsets set before the partition joins the round robin of reply partitions, so no
+reply can land before the position is known. The consumer never commits: replies are only
+useful to the instance that is waiting for them.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from schemas.messages import Prediction
 from schemas.topics import PREDICTIONS
@@ -37,8 +43,18 @@ log = logging.getLogger(__name__)
 class ReplyListener:
     """Consumes this instance's reply partitions and completes the waiting futures."""
 
-    def __init__(self, settings: SluiceSettings, group_id: str, topic: str = PREDICTIONS.name):
+    def __init__(
+        self,
+        settings: SluiceSettings,
+        group_id: str,
+        topic: str = PREDICTIONS.name,
+        resume_window_s: float = 30.0,
+    ):
         self.topic = topic
+        self.resume_window_s = resume_window_s
+        self._next_offsets: dict[int, int] = {}
+        """Per partition, the offset after the last record read (listener thread only)."""
+        self._revoked_at: dict[int, float] = {}
         self.pending: dict[str, asyncio.Future[dict]] = {}
         self.partitions: list[int] = []
         self._cycle = itertools.cycle([])
@@ -84,13 +100,47 @@ class ReplyListener:
     def forget(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
 
-    def _on_assign(self, _consumer, partitions: list[TopicPartition]) -> None:
-        self.partitions = sorted({*self.partitions, *(p.partition for p in partitions)})
+    def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        """Start every assigned partition at an explicit offset before any request can name it
+        as its reply partition (they are added to the round robin only here): a position the
+        client resolved lazily could land after a reply that was already produced."""
+        numbers = [tp.partition for tp in partitions]
+        starts = start_offsets(
+            numbers,
+            self._next_offsets,
+            self._revoked_at,
+            self._log_ends(consumer, numbers),
+            time.monotonic(),
+            self.resume_window_s,
+        )
+        for tp in partitions:
+            if tp.partition in starts:
+                tp.offset = starts[tp.partition]
+        consumer.assign(partitions)
+        self.partitions = sorted({*self.partitions, *numbers})
         self._cycle = itertools.cycle(self.partitions)
-        log.info("reply partitions assigned", extra={"partitions": self.partitions})
+        log.info(
+            "reply partitions assigned",
+            extra={"partitions": self.partitions, "starts": starts},
+        )
+
+    def _log_ends(self, consumer, partitions: list[int]) -> dict[int, int]:
+        """The current end offset of each partition (one ListOffsets request); {} when the
+        broker does not answer in time, leaving those partitions to `auto.offset.reset`."""
+        if not partitions:
+            return {}
+        latest = [TopicPartition(self.topic, n, OFFSET_END) for n in partitions]
+        try:
+            ends = consumer.offsets_for_times(latest, timeout=5.0)
+        except KafkaException as exc:
+            log.warning("reply partition ends unknown", extra={"error": str(exc)})
+            return {}
+        return {tp.partition: tp.offset for tp in ends if tp.error is None and tp.offset >= 0}
 
     def _on_revoke(self, _consumer, partitions: list[TopicPartition]) -> None:
         revoked = {p.partition for p in partitions}
+        now = time.monotonic()
+        self._revoked_at.update(dict.fromkeys(revoked, now))
         self.partitions = [p for p in self.partitions if p not in revoked]
         self._cycle = itertools.cycle(self.partitions)
 
@@ -102,6 +152,7 @@ class ReplyListener:
             for message in messages:
                 if message.error() is not None:
                     continue
+                self._next_offsets[message.partition()] = message.offset() + 1
                 reply = self._awaited_reply(message)
                 if reply is not None:
                     replies.append(reply)
@@ -127,3 +178,26 @@ class ReplyListener:
             future = self.pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_result(body)
+
+
+def start_offsets(
+    partitions: list[int],
+    next_offsets: dict[int, int],
+    revoked_at: dict[int, float],
+    log_ends: dict[int, int],
+    now: float,
+    window_s: float,
+) -> dict[int, int]:
+    """Where each assigned partition starts. One this listener read before and lost at most
+    `window_s` ago (a request may still wait on it) resumes where the listener stopped, or at
+    the log end if the log is now shorter (a broker that lost its data); any other partition
+    starts at the log end, which holds no reply anybody here waits for. A partition whose end
+    is unknown and that cannot resume is left out (the consumer's `auto.offset.reset`)."""
+    starts = {}
+    for n in partitions:
+        end = log_ends.get(n)
+        if n in next_offsets and n in revoked_at and now - revoked_at[n] <= window_s:
+            starts[n] = next_offsets[n] if end is None else min(next_offsets[n], end)
+        elif end is not None:
+            starts[n] = end
+    return starts
