@@ -22,7 +22,6 @@ app.add_typer(
 )
 
 
-
 @app.command()
 def demo(
     minutes: float = typer.Option(0, help="Stop after this many minutes (0 = until Ctrl-C)."),

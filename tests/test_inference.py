@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -270,7 +271,7 @@ def test_a_routing_table_naming_a_version_this_repository_lacks_leaves_routing_a
     settings = InferenceSettings(
         kafka_bootstrap="127.0.0.1:1", model_repository=tmp_path, metrics_port=0
     )
-    _worker, service, control = build(settings)
+    worker, service, control = build(settings)
     service.load_repository(tmp_path)
     tables = [
         RoutingTable(
@@ -281,9 +282,16 @@ def test_a_routing_table_naming_a_version_this_repository_lacks_leaves_routing_a
         )
         for revision, version in ((1, "1"), (2, "9"))
     ]
-    control.apply(ROUTING.name, encode(tables[0]))
-    with caplog.at_level("WARNING", logger="services.inference.control"):
-        control.apply(ROUTING.name, encode(tables[1]))
+    try:
+        control.apply(ROUTING.name, encode(tables[0]))
+        with caplog.at_level("WARNING", logger="services.inference.control"):
+            control.apply(ROUTING.name, encode(tables[1]))
+    finally:  # clients of a broker that is not there: destroyed, not left reconnecting
+        worker.close()
+        control.consumer.close()
+        control.dead_letters.close(0)
+        del worker, control
+        gc.collect()  # bound callbacks keep the clients in reference cycles
     assert service.tables["fraud"].revision == 1
     (record,) = [r for r in caplog.records if r.name == "services.inference.control"]
     assert record.levelname == "WARNING" and record.exc_info is None

@@ -8,7 +8,9 @@ Every change goes through `_commit`, in this order:
 2. the state in memory moves on;
 3. if the traffic split changed, the routing table is published with the next revision (Redis,
    then `sluice.routing`, acked). A failed publish is retried on every tick until it succeeds,
-   and on restart the newest recorded revision is published again if the topic lacks it.
+   also after the rollout finished (its last table moves everyone back to, or onto, the new
+   champion), and on restart the newest recorded revision is published again if the topic
+   lacks it.
 
 Revisions exceed everything known for the model: the follower's newest table on the topic, the
 table in Redis, and (at start) every revision this model's decisions were ever published with.
@@ -161,7 +163,7 @@ class RolloutService:
                 next_round = time.monotonic() + interval
                 with self._lock:
                     self._woken.clear()
-                    models = [m for m, r in self.rollouts.items() if not r.state.finished]
+                models = self.due()
             else:
                 with self._lock:
                     models, self._woken = sorted(self._woken), set()
@@ -169,6 +171,16 @@ class RolloutService:
                 self.evaluate(model)
             self._wake.wait(max(0.0, next_round - time.monotonic()))
             self._wake.clear()
+
+    def due(self) -> list[str]:
+        """Models each round evaluates: active rollouts, and finished ones whose last routing
+        table the broker has not acknowledged yet (publishing it is retried every round)."""
+        with self._lock:
+            return [
+                model
+                for model, rollout in self.rollouts.items()
+                if not rollout.state.finished or rollout.unpublished is not None
+            ]
 
     def stop(self) -> None:
         """Make `run` return after the evaluation in hand."""
@@ -261,16 +273,17 @@ class RolloutService:
         return self.decisions.history(model, rollout_id, limit)
 
     def evaluate(self, model: str) -> Decision | None:
-        """Gather evidence and decide once; None when nothing was evaluated (finished, paused,
-        evidence unavailable, or changed by an operator meanwhile)."""
+        """Publish routing not acknowledged yet, then gather evidence and decide once; None when
+        nothing was evaluated (finished, paused, evidence unavailable, or changed by an
+        operator meanwhile)."""
         started = time.perf_counter()
         with self._lock:
             rollout = self.rollouts.get(model)
-            if rollout is None or rollout.state.finished:
+            if rollout is None:
                 return None
             if rollout.unpublished is not None:
                 self._publish(rollout)
-            if rollout.state.phase is Phase.paused:
+            if rollout.state.finished or rollout.state.phase is Phase.paused:
                 return None
             plan, state = rollout.plan, rollout.state
         now = _now_ms()
