@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -124,8 +126,11 @@ def declare_champion(settings: SluiceSettings, version: str = "1") -> None:
         raise RuntimeError("could not publish the demo's routing table")
 
 
-def services(cluster: ClusterConfig, ports: Ports, root: Path, state_dir: Path) -> list[Service]:
-    """The five services, each pointed at the cluster, the repository and its port."""
+def services(
+    cluster: ClusterConfig, ports: Ports, root: Path, state_dir: Path, drift_window_s: int = 30
+) -> list[Service]:
+    """The five services, each pointed at the cluster, the repository and its port; the
+    monitor's windows last `drift_window_s` (see `drift_window_s`)."""
     base = {
         **cluster.env(),
         "SLUICE_MODEL_REPOSITORY": str(root),
@@ -162,7 +167,7 @@ def services(cluster: ClusterConfig, ports: Ports, root: Path, state_dir: Path) 
                 **base,
                 "SLUICE_METRICS_PORT": str(ports.monitor_metrics),
                 "SLUICE_MONITOR_INTERVAL_S": "10",
-                "SLUICE_MONITOR_WINDOW_S": "30",
+                "SLUICE_MONITOR_WINDOW_S": str(drift_window_s),
                 "SLUICE_MONITOR_MODELS": '["fraud"]',
             },
             f"{local}:{ports.monitor_metrics}/healthz",
@@ -230,17 +235,26 @@ def stop_services(stack: list[Service]) -> None:
 
 @dataclass
 class Traffic:
-    """Plays the demo stream: scores each transaction, then sends its event, then its label."""
+    """Plays the demo stream: first `history_s` of event time before now as plain events (a card
+    network has history: the online features start warm, as they were in training), then live
+    transactions, each scored, then sent as an event, then labelled later."""
 
     settings: SluiceSettings
     gateway_url: str
     rate: float
     drift_after_s: float
+    features_metrics_url: str = ""
+    """Where the features service counts the events it routed; history waits for it."""
+    history_s: float = 86_400.0
     seed: int = 7
     sent: int = 0
     sync_ok: int = 0
     sync_failed: int = 0
     labels_sent: int = 0
+    history_events: int = 0
+    history_wait_s: float = 0.0
+    live: threading.Event = field(default_factory=threading.Event)
+    """Set when the history is in the online features and live traffic begins."""
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -259,14 +273,16 @@ class Traffic:
         start_ms = int(time.time() * 1000)
         config = DemoConfig(
             seed=self.seed,
-            start_ms=start_ms,
+            start_ms=start_ms - int(self.history_s * 1000),
             drift=Drift(start_ms=start_ms + int(self.drift_after_s * self.speed * 1000)),
         )
+        stream = generate(config)
+        first_live = self._play_history(producer, stream, start_ms)
         labels: list[tuple[float, int, bytes]] = []
         started = time.monotonic()
         async with httpx.AsyncClient(timeout=5) as client:
             in_flight: set[asyncio.Task] = set()
-            for item in generate(config):
+            for item in itertools.chain([first_live], stream):
                 if self._stop.is_set():
                     break
                 event = item.event
@@ -283,6 +299,38 @@ class Traffic:
             if in_flight:
                 await asyncio.wait(in_flight, timeout=5)
         producer.flush(10)
+
+    def _play_history(self, producer: Producer, stream, now_ms: int):
+        """Produce the stream's events before `now_ms` as fast as the broker takes them, wait
+        until the features service routed them (bounded), and return the first live item."""
+        for item in stream:
+            if item.event.ts_ms >= now_ms or self._stop.is_set():
+                break
+            while True:
+                try:
+                    event = item.event
+                    producer.produce(EVENTS.name, encode(event), key=event.entities["card"])
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            self.history_events += 1
+            producer.poll(0)
+        producer.flush(30)
+        waited = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() - waited < 120:
+            if self._features_routed() >= self.history_events:
+                break
+            time.sleep(0.5)
+        self.history_wait_s = time.monotonic() - waited
+        self.live.set()
+        return item
+
+    def _features_routed(self) -> float:
+        """Events the features service has routed since it started (0 when unknown)."""
+        if not self.features_metrics_url:
+            return float("inf")
+        counts, _ = Scrape(self.features_metrics_url).sample()
+        return total(counts, "sluice_features_events_total", topic=EVENTS.name)
 
     def _request(self, producer, client, item, in_flight: set[asyncio.Task]) -> None:
         event = item.event
@@ -555,6 +603,13 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def drift_window_s(speed: float) -> int:
+    """Monitor windows that span one event-time day of a stream played at `speed` (100 s at
+    150 transactions/s): the stream's rates and request hours follow the time of day and the
+    models' reference profiles cover whole days, so a window over a few hours reads as drift."""
+    return max(30, math.ceil(86_400 / speed))
+
+
 def run(
     minutes: float | None = None,
     rate: float = 150.0,
@@ -576,8 +631,14 @@ def run(
     declare_champion(settings)
     added = ensure_models(settings)
     console.print(f"cluster up at {cluster.kafka_bootstrap}; models registered: {added or 'none'}")
-    stack = services(cluster, ports, root, cluster.state_dir)
-    traffic = Traffic(settings, f"http://127.0.0.1:{ports.ingest}", rate, drift_after_s)
+    traffic = Traffic(
+        settings,
+        f"http://127.0.0.1:{ports.ingest}",
+        rate,
+        drift_after_s,
+        features_metrics_url=f"http://127.0.0.1:{ports.features}/metrics",
+    )
+    stack = services(cluster, ports, root, cluster.state_dir, drift_window_s(traffic.speed))
     report = DemoReport(traffic)
     rollout_url = f"http://127.0.0.1:{ports.rollout}/v1/rollouts"
     live_view = None
@@ -586,6 +647,12 @@ def run(
         start_services(stack, cluster.state_dir / "logs")
         console.print("services ready: " + ", ".join(s.name for s in stack))
         threading.Thread(target=traffic.run, name="traffic", daemon=True).start()
+        console.print(f"playing {traffic.history_s / 3600:.0f} h of transaction history ...")
+        traffic.live.wait(180)
+        console.print(
+            f"history: {traffic.history_events} events, in the online features after "
+            f"{traffic.history_wait_s:.1f} s; live traffic at {rate:.0f}/s"
+        )
         time.sleep(3)
         plan = ROLLOUT_PLAN.read_text()
         response = httpx.post(
