@@ -376,6 +376,7 @@ steps:
 gates:
   max_error_rate: 0.01
   max_p99_latency_ms: 5000
+  max_p99_latency_ratio: 10  # loose: measured against the champion route, not tuned here
   max_prediction_drift: 0.5  # JS on ~20-150 samples of different cards is noisy (up to ~0.3)
   min_shadow_agreement: 0.9
   min_samples: 20
@@ -437,6 +438,11 @@ gates:
                                              strict=True), strict=True))  # fmt: skip
             assert gates["error_rate"][0] == 0.0 and gates["error_rate"][1] >= 20
             assert all(status in ("pass", "skipped") for _, _, status in gates.values())
+            ratio, samples, status = gates["p99_latency_ratio"]
+            if d["action"] == "advance":  # steps with champion traffic to compare with
+                assert status == "pass" and ratio > 0 and samples >= 20, gates
+            else:  # promoted from the canary at weight 1.0
+                assert status == "skipped", gates
     assert dict(zip(decisions[-1]["versions"], decisions[-1]["weights"], strict=True)) == {"2": 1.0}
 
 

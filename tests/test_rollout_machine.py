@@ -172,6 +172,37 @@ def test_error_rate_fails_early_when_errors_already_exceed_the_minimum_samples_s
     assert gate.status is GateStatus.failed and gate.samples == 10
 
 
+def test_latency_ratio_to_the_champion_fails_a_slow_candidate_and_spares_a_slow_path():
+    plan = plan_with(
+        gates=PLAN.gates.model_copy(
+            update={"max_p99_latency_ms": None, "max_p99_latency_ratio": 1.5}
+        ),
+        failure_threshold=1,
+    )
+
+    def ratio_gate(ratio: float, step: int = 1):
+        evidence = good(p99_latency_ratio=Measurement(ratio, 500))
+        decision = decide(plan, at_step(step), evidence, T0 + 60 * S)
+        return decision, next(g for g in decision.gates if g.name == "p99_latency_ratio")
+
+    # both versions at 900 ms p99 behind a slow broker: ratio 1.0, the candidate is fine
+    decision, gate = ratio_gate(1.0)
+    assert gate.status is GateStatus.passed and decision.action is Action.advance
+    decision, gate = ratio_gate(2.0)
+    assert gate.status is GateStatus.failed and decision.action is Action.rollback
+    _, gate = ratio_gate(2.0, step=3)  # canary at weight 1.0: no champion traffic to compare
+    assert gate.status is GateStatus.skipped
+
+
+def test_latency_ratio_has_no_value_without_champion_latency():
+    from services.monitor.client import Evidence as Measured
+    from services.rollout.evidence import latency_ratio
+
+    assert latency_ratio(Measured(300.0, 400), Measured(200.0, 250)) == Measurement(1.5, 250)
+    assert latency_ratio(Measured(300.0, 400), Measured(None, 0)) == Measurement(None, 0)
+    assert latency_ratio(Measured(None, 0), Measured(200.0, 250)).value is None
+
+
 def test_shadow_agreement_is_only_a_gate_in_shadow_steps():
     evidence = good(shadow_agreement=Measurement())
     in_canary = decide(PLAN, at_step(1), evidence, T0 + 60 * S)

@@ -2,11 +2,12 @@
 controller that knows the monitor's client (`services/monitor/client.py`).
 
 Everything is measured over the current step, `[step_started_ms, now)` of request time, for the
-candidate on the step's route (shadow or canary): error rate and request count, p99 latency,
-prediction drift (Jensen-Shannon distance of the candidate's scores against the champion
-route's), shadow agreement (shadow steps only), quality versus the champion on labelled
-predictions, and the most drifted feature over the monitor's analysis windows that ended in the
-step. Gates the plan leaves out are not queried. Firing alerts come from the control follower.
+candidate on the step's route (shadow or canary): error rate and request count, p99 latency (and
+its ratio to the champion route's p99 over the same step), prediction drift (Jensen-Shannon
+distance of the candidate's scores against the champion route's), shadow agreement (shadow steps
+only), quality versus the champion on labelled predictions, and the most drifted feature over the
+monitor's analysis windows that ended in the step. Gates the plan leaves out are not queried.
+Firing alerts come from the control follower.
 
 A/B outcomes need each labelled request's score and label value, which the monitor client does
 not return yet; until it does (see `MonitorClient.labelled_outcomes` in the report of this
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from schemas.messages import Route
+from services.monitor.client import Evidence as Measured
 from services.monitor.client import MonitorClient, MonitorUnavailable
 from services.rollout import abtest
 from services.rollout.machine import Evidence, FiringAlert, Measurement, RolloutState, quality_drop
@@ -61,6 +63,15 @@ ALL INNER JOIN (
 route in `[since_ms, until_ms)`."""
 
 
+def latency_ratio(candidate: Measured, champion: Measured) -> Measurement:
+    """The candidate's latency over the champion's; the samples are the smaller side's, and
+    there is no value while either side has none (or the champion's is 0)."""
+    samples = min(candidate.samples, champion.samples)
+    if candidate.value is None or not champion.value:
+        return Measurement(None, samples)
+    return Measurement(candidate.value / champion.value, samples)
+
+
 class MonitorEvidence:
     """Gathers `Evidence` for a rollout from the monitor's client and the alert follower."""
 
@@ -88,9 +99,14 @@ class MonitorEvidence:
             "error_rate": Measurement(errors.value, errors.samples),
             "alerts": self.firing(model, candidate, state.started_ms),
         }
-        if gates.max_p99_latency_ms is not None:
+        if gates.max_p99_latency_ms is not None or gates.max_p99_latency_ratio is not None:
             latency = self.client.latency(model, candidate, quantile=0.99, route=route, **window)
             fields["p99_latency_ms"] = Measurement(latency.value, latency.samples)
+            if gates.max_p99_latency_ratio is not None:
+                champion = self.client.latency(
+                    model, state.champion, quantile=0.99, route=Route.champion, **window
+                )
+                fields["p99_latency_ratio"] = latency_ratio(latency, champion)
         if gates.max_prediction_drift is not None:
             drift = self.client.prediction_drift_vs_champion(model, candidate, **window)
             fields["prediction_drift"] = Measurement(

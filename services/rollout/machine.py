@@ -164,6 +164,7 @@ class Evidence:
     requests: int = 0
     error_rate: Measurement = NOT_MEASURED
     p99_latency_ms: Measurement = NOT_MEASURED
+    p99_latency_ratio: Measurement = NOT_MEASURED
     prediction_drift: Measurement = NOT_MEASURED
     shadow_agreement: Measurement = NOT_MEASURED
     quality_drop: Measurement = NOT_MEASURED
@@ -308,17 +309,21 @@ def evaluate_gates(
             _bounded("p99_latency_ms", evidence.p99_latency_ms, gates.max_p99_latency_ms,
                      minimum, upper=True)
         )  # fmt: skip
-    if gates.max_prediction_drift is not None:
+    # comparisons with the champion's live traffic: (gate name, measurement, upper bound)
+    versus_champion = (
+        ("p99_latency_ratio", evidence.p99_latency_ratio, gates.max_p99_latency_ratio),
+        ("prediction_drift", evidence.prediction_drift, gates.max_prediction_drift),
+    )
+    for name, measured, bound in versus_champion:
+        if bound is None:
+            continue
         if champion_idle:
             results.append(
-                GateResult("prediction_drift", None, gates.max_prediction_drift, 0,
-                           GateStatus.skipped, note="the champion serves no traffic")
+                GateResult(name, None, bound, 0, GateStatus.skipped,
+                           note="the champion serves no traffic")
             )  # fmt: skip
         else:
-            results.append(
-                _bounded("prediction_drift", evidence.prediction_drift,
-                         gates.max_prediction_drift, minimum, upper=True)
-            )  # fmt: skip
+            results.append(_bounded(name, measured, bound, minimum, upper=True))
     if gates.min_shadow_agreement is not None:
         if in_shadow:
             results.append(

@@ -110,6 +110,12 @@ class Gates(_Strict):
     max_p99_latency_ms: float | None = Field(
         None, gt=0, description="p99 of the candidate's end-to-end latency, milliseconds."
     )
+    max_p99_latency_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="p99 of the candidate's latency over the champion's in the same step "
+        "(1.5 = half again as slow): holds when the path both share slows down.",
+    )
     max_prediction_drift: float | None = Field(
         None, ge=0, le=1, description="Jensen-Shannon distance of candidate vs champion scores."
     )
