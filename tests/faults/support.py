@@ -260,6 +260,23 @@ class Answer:
         return error.get("code") if isinstance(error, dict) else None
 
 
+def late_answers(answers: list[Answer], deadline_ms: int, slack_s: float) -> list[Answer]:
+    """Answers later than the deadline plus `slack_s`. A prediction (200) is timed by the
+    gateway itself (`latency_ms.server`: from its handler's start to the answer), the deadline
+    it promises; the client-side time of a 200 also holds how this interpreter and the OS
+    scheduled the load thread, which stalled for seconds on the shared 2-core machine while a
+    restarting service took a core (its server time was 15 ms). Other answers (504 at the
+    deadline, 503) are timed by the client."""
+    limit_s = deadline_ms / 1000 + slack_s
+    late = []
+    for answer in answers:
+        server_ms = (answer.body.get("latency_ms") or {}).get("server")
+        elapsed_s = server_ms / 1000 if answer.status == 200 and server_ms is not None else None
+        if (answer.elapsed_s if elapsed_s is None else elapsed_s) > limit_s:
+            late.append(answer)
+    return late
+
+
 class SyncLoad:
     """Synchronous predictions at a steady rate through the gateway, from a background thread.
 

@@ -20,6 +20,7 @@ from deploy.local.cluster import stop_part, up
 from tests.faults.support import (
     SyncLoad,
     encoded_requests,
+    late_answers,
     predictions_for,
     produce_requests,
     request_body,
@@ -73,7 +74,7 @@ def test_broker_restart_every_service_reconnects_without_manual_action(restore_c
 
     assert all(stack.alive(name) for name in ("inference", "ingest", "monitor"))
     assert not [a for a in answers if a.status == 0], summary(answers)
-    late = [a for a in answers if a.elapsed_s > DEADLINE_MS / 1000 + SLACK_S]
+    late = late_answers(answers, DEADLINE_MS, SLACK_S)
     assert not late, [(a.request_id, a.elapsed_s, a.status) for a in late[:5]]
     outcomes = summary(answers)
     assert set(outcomes) <= {

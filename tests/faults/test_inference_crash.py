@@ -18,6 +18,7 @@ from redis import Redis
 from tests.faults.support import (
     SyncLoad,
     encoded_requests,
+    late_answers,
     metric_total,
     predictions_for,
     produce_requests,
@@ -73,7 +74,7 @@ def test_kill_9_of_inference_mid_batch_loses_no_request_and_hangs_none(fault_clu
 
     # Synchronous: every request answered within its deadline, with a score or an explicit error.
     assert answers and not [a for a in answers if a.status == 0], summary(answers)
-    late = [a for a in answers if a.elapsed_s > DEADLINE_MS / 1000 + SLACK_S]
+    late = late_answers(answers, DEADLINE_MS, SLACK_S)
     assert not late, [(a.request_id, a.elapsed_s, a.status) for a in late[:5]]
     outcomes = summary(answers)
     assert set(outcomes) <= {(200, None), (504, "deadline_exceeded")}, outcomes
