@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -92,37 +92,25 @@ class ServiceProducer(Producer):
     """
 
     def produce(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            return super().produce(*args, **kwargs)
-        except (KafkaException, BufferError):
-            raise
-        except:  # noqa: E722 - the bare KafkaError matches nothing narrower
-            _reraise_documented()
+        _documented(super().produce, *args, **kwargs)
 
     def poll(self, *args: Any, **kwargs: Any) -> int:
-        try:
-            return super().poll(*args, **kwargs)
-        except KafkaException:
-            raise
-        except:  # noqa: E722
-            _reraise_documented()
+        return _documented(super().poll, *args, **kwargs)
 
     def flush(self, *args: Any, **kwargs: Any) -> int:
-        try:
-            return super().flush(*args, **kwargs)
-        except KafkaException:
-            raise
-        except:  # noqa: E722
-            _reraise_documented()
+        return _documented(super().flush, *args, **kwargs)
 
 
-def _reraise_documented() -> NoReturn:
-    """Inside an `except:` block: raise the `KafkaError` being handled as `KafkaException`,
-    anything else as it was."""
-    value = sys.exc_info()[1]
-    if isinstance(value, KafkaError):
-        raise KafkaException(value) from None
-    raise  # noqa: PLE0704 - re-raises the exception being handled by the caller
+def _documented(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(...)`, with a bare `KafkaError` it raises turned into `KafkaException`; any other
+    exception (BufferError, KafkaException, ...) passes unchanged."""
+    try:
+        return call(*args, **kwargs)
+    except:  # noqa: E722 - the bare KafkaError matches nothing narrower
+        value = sys.exc_info()[1]
+        if isinstance(value, KafkaError):
+            raise KafkaException(value) from None
+        raise
 
 
 def make_producer(settings: SluiceSettings, **overrides: Any) -> ServiceProducer:

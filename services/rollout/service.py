@@ -163,7 +163,7 @@ class RolloutService:
                 next_round = time.monotonic() + interval
                 with self._lock:
                     self._woken.clear()
-                models = self.due()
+                    models = self.due()
             else:
                 with self._lock:
                     models, self._woken = sorted(self._woken), set()
