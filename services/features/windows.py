@@ -28,8 +28,9 @@ from __future__ import annotations
 import math
 from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 Value = float | str
 """A canonical field value: numbers (and booleans) as float, text as str."""
@@ -159,15 +160,21 @@ class WindowSpec:
         return self.accepts(on_time)
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One event as seen by one entity: its time, identity, lateness and the fields needed."""
+_NO_VALUES: Mapping[str, Value] = {}
+
+
+class Observation(NamedTuple):
+    """One event as seen by one entity: its time, identity, lateness and the fields needed.
+
+    A named tuple rather than a frozen dataclass: the stream creates one per entity per event,
+    and a frozen dataclass's `__init__` costs four times as much. `values` is never mutated.
+    """
 
     ts: int
     event_type: str
     event_id: str
     lateness_ms: int = 0
-    values: Mapping[str, Value] = field(default_factory=dict)
+    values: Mapping[str, Value] = _NO_VALUES
 
     @property
     def key(self) -> ObservationKey:
@@ -237,7 +244,7 @@ class WindowPlan:
     """
 
     __slots__ = ("specs", "names", "max_window_ms", "kinds", "_filters", "_fields", "_always",
-                 "slides", "_mask", "_members")  # fmt: skip
+                 "slides", "_mask", "_members", "values")  # fmt: skip
 
     def __init__(self, specs: Sequence[WindowSpec]) -> None:
         if not specs:
@@ -274,6 +281,11 @@ class WindowPlan:
         """`(window_ms, [(feature index, kind, field)])`: features whose state slides together."""
         self._mask = self._compile_mask()
         self._members: dict[int, list[tuple[int, tuple[int, ...], tuple]]] = {}
+        self.values: Callable[[list[int], list, Callable[[int], float | None]], dict] = (
+            self._compile_values()
+        )
+        """`values(counts, state, last)`: every feature's value from an `EntityWindow`'s state
+        (`last(i)` reads feature `i`'s `last`), as one dict literal, generated once."""
 
     def mask(self, observation: Observation) -> int:
         """Bit `i` set when feature `i` accepts the observation (see `WindowSpec.accepts`)."""
@@ -330,6 +342,28 @@ class WindowPlan:
         lines.append("    return bits & usable")
         exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own templates
         return namespace["mask"]  # type: ignore[return-value]
+
+    def _compile_values(self) -> Callable[[list[int], list, Callable[[int], float | None]], dict]:
+        """Generate `values` as one dict display: the commit builds it for every changed entity,
+        and a loop over the features with a branch per aggregation cost twice as much. Feature
+        names reach the source only as namespace constants."""
+        namespace: dict[str, object] = {"_fixed": from_fixed_point}
+        items = []
+        for i, kind in enumerate(self.kinds):
+            namespace[f"N{i}"] = self.names[i]
+            value = {
+                _COUNT: f"float(n[{i}])",
+                _SUM: f"(_fixed(state[{i}]) if n[{i}] else 0.0)",
+                _MEAN: f"(_fixed(state[{i}]) / n[{i}] if n[{i}] else None)",
+                _DISTINCT: f"float(len(state[{i}]))",
+                _MIN: f"(state[{i}][0] if state[{i}] else None)",
+                _MAX: f"(state[{i}][-1] if state[{i}] else None)",
+                _LAST: f"last({i})",
+            }[kind]
+            items.append(f"        N{i}: {value},")
+        source = "\n".join(["def values(n, state, last):", "    return {", *items, "    }"])
+        exec(source, namespace)  # noqa: S102 - generated from our own templates
+        return namespace["values"]  # type: ignore[return-value]
 
 
 def _condition_source(op: Op, value: str, constant: str) -> str:
@@ -471,24 +505,7 @@ class EntityWindow:
         them before any observation was accepted)."""
         if self.clock is None:
             return dict.fromkeys(self.plan.names)
-        result: dict[str, float | None] = {}
-        n, state = self._n, self._state
-        for i, (name, kind) in enumerate(zip(self.plan.names, self.plan.kinds, strict=True)):
-            if kind == _COUNT:
-                result[name] = float(n[i])
-            elif kind == _SUM:
-                result[name] = from_fixed_point(state[i]) if n[i] else 0.0
-            elif kind == _MEAN:
-                result[name] = from_fixed_point(state[i]) / n[i] if n[i] else None
-            elif kind == _DISTINCT:
-                result[name] = float(len(state[i]))
-            elif kind == _MIN:
-                result[name] = state[i][0] if state[i] else None
-            elif kind == _MAX:
-                result[name] = state[i][-1] if state[i] else None
-            else:
-                result[name] = self._last(i)
-        return result
+        return self.plan.values(self._n, self._state, self._last)
 
     def _last(self, index: int) -> float | None:
         spec = self.plan.specs[index]
