@@ -10,9 +10,11 @@ from redis import Redis
 
 from services.features.client import (
     UnknownFeature,
+    encode_snapshot,
     feature_key,
     read_features,
     read_online,
+    snapshot_key,
     write_features,
 )
 from services.features.definitions import FeatureRegistry
@@ -35,6 +37,7 @@ def store_values(redis: Redis, entity: str, entity_id: str, values: dict, clock:
     mapping = {name: repr(value) for name, value in values.items()} | {"@ts": str(clock)}
     mapping["~transaction\x1fe1"] = "[0,0,{}]"
     redis.hset(feature_key(entity, entity_id), mapping=mapping)
+    redis.set(snapshot_key(entity, entity_id), encode_snapshot(clock, values))
 
 
 def test_read_online_serves_many_entities_with_defaults_freshness_and_ttl(redis):

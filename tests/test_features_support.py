@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 from clickhouse_driver import Client
 from redis import Redis
 
@@ -29,7 +30,7 @@ from schemas.clickhouse import create_statements
 from schemas.messages import Event
 from services.common.kafka import make_producer
 from services.common.settings import SluiceSettings
-from services.features.client import TS_SUFFIX, feature_key
+from services.features.client import TS_SUFFIX, feature_key, snapshot_key
 from services.features.definitions import FeatureRegistry
 from services.features.store import marker_field, marker_key
 from services.features.windows import Aggregation, Observation, lateness_ms
@@ -252,19 +253,27 @@ def reference_store(
 def read_store(
     redis: Redis, registry: FeatureRegistry, keys: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[int | None, dict[str, float | None]]]:
-    """(clock, values) per entity as stored in Redis."""
+    """(clock, values) per entity as stored in Redis; asserts that the snapshot the readers
+    read holds exactly what the hash holds."""
     keys = list(keys)
     pipe = redis.pipeline(transaction=False)
     for entity, entity_id in keys:
         pipe.hgetall(feature_key(entity, entity_id))
+        pipe.get(snapshot_key(entity, entity_id))
+    replies = pipe.execute()
     stored = {}
-    for (entity, entity_id), raw in zip(keys, pipe.execute(), strict=True):
+    for (entity, entity_id), raw, snapshot in zip(keys, replies[::2], replies[1::2], strict=True):
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         clock = int(fields[TS_SUFFIX]) if TS_SUFFIX in fields else None
         values = {
             name: float(fields[name]) if name in fields else None
             for name in registry.plan(entity).names
         }
+        if clock is None:
+            assert snapshot is None, (entity, entity_id)
+        else:
+            present = {name: value for name, value in values.items() if value is not None}
+            assert orjson.loads(snapshot) == [clock, present], (entity, entity_id)
         stored[(entity, entity_id)] = (clock, values)
     return stored
 

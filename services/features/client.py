@@ -1,17 +1,18 @@
 """The online store's public face: how other services read (and tests seed) online features.
 
-Layout (specified in docs/features.md, "Redis key layout"): one hash per entity instance,
-`sluice:fv:{entity}:{entity_id}`, holding for each feature `{feature}` -> the value as a decimal
-string, and the event time (epoch ms) of the newest event behind it either per feature
-(`{feature}@ts`, as `write_features` seeds it) or once for the whole hash (`@ts`, as the features
-service writes it: every feature of an entity is computed as of the same clock). The service also
-writes all values as one JSON object (`@values`) for `read_online`'s one-field-per-entity
-reads. The entity's TTL is the key's expiry. Reads of many entities x many features take one
-pipelined round trip.
+Layout (specified in docs/features.md, "Redis key layout"), per entity instance:
 
-Two readers: `read_features` returns what is stored (callers apply defaults themselves);
-`read_online` applies the definitions: declared defaults for missing or expired values, flagged
-as defaulted, and the freshness of what was served.
+- a **snapshot** string, `sluice:fvs:{entity}:{entity_id}`: JSON `[clock, {feature: value}]`,
+  every value of the instance and the event time (epoch ms) of the newest event behind them.
+  This is what the readers read: one `MGET` fetches any number of instances in one round trip,
+  with no server-side script (a script's per-key calls cost Redis ~12x more CPU than `MGET`).
+- a **hash**, `sluice:fv:{entity}:{entity_id}`: the same values one field per feature
+  (`{feature}` -> decimal string) with `@ts` (the clock), for humans and tools, and the features
+  service's private window state.
+
+Both expire with the entity's TTL. Two readers: `read_features` returns what is stored (callers
+apply defaults themselves); `read_online` applies the definitions: declared defaults for missing
+or expired values, flagged as defaulted, and the freshness of what was served.
 """
 
 from __future__ import annotations
@@ -26,12 +27,45 @@ from redis import Redis
 from services.features.definitions import EntityPlan, FeatureRegistry
 
 KEY_PREFIX = "sluice:fv"
+SNAPSHOT_PREFIX = "sluice:fvs"
 TS_SUFFIX = "@ts"
 
 
 def feature_key(entity: str, entity_id: str) -> str:
     """The Redis key of one entity instance's feature hash."""
     return f"{KEY_PREFIX}:{entity}:{entity_id}"
+
+
+def snapshot_key(entity: str, entity_id: str) -> str:
+    """The Redis key of one entity instance's snapshot (what the readers read)."""
+    return f"{SNAPSHOT_PREFIX}:{entity}:{entity_id}"
+
+
+def encode_snapshot(clock: int, values: Mapping[str, float]) -> bytes:
+    """The snapshot value: JSON `[clock, {feature: value}]` (a NaN or inf is written as null,
+    JSON having no spelling for it, and reads as missing)."""
+    return orjson.dumps([clock, values])
+
+
+def _snapshot(raw: bytes | None) -> tuple[int, dict] | None:
+    """`(clock, values)` of a stored snapshot; None when absent or not a snapshot, so a bad
+    write can never crash a reader."""
+    if raw is None:
+        return None
+    try:
+        clock, values = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    if type(clock) is not int or type(values) is not dict:
+        return None
+    return clock, values
+
+
+def _snapshots(redis: Redis, wanted: Sequence[tuple[str, str, Sequence[str]]]) -> list:
+    """The stored snapshot of every item of `wanted`, in one `MGET`."""
+    if not wanted:
+        return []
+    return [_snapshot(raw) for raw in redis.mget([snapshot_key(e, i) for e, i, _ in wanted])]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,54 +85,30 @@ class FeatureRead:
 def read_features(
     redis: Redis, wanted: Sequence[tuple[str, str, Sequence[str]]]
 ) -> list[FeatureRead]:
-    """Read `(entity, entity_id, feature names)` for each item in one round trip.
+    """Read `(entity, entity_id, feature names)` for each item in one round trip (one `MGET` of
+    the items' snapshots). The keys must live on one Redis node (true of a single Redis or a
+    replicated one; on Redis Cluster give them a common hash tag).
 
-    Items asking for the same feature names share one server-side script call (HMGET per key
-    inside Redis), so a batch of hundreds of entities costs one command per distinct feature
-    list instead of one per entity. The keys of one call must live on one Redis node (true of a
-    single Redis or a replicated one; on Redis Cluster give the keys a common hash tag).
-
-    Results come back in the order asked. Unparseable stored values read as `None`, like missing
-    ones, so a bad write can never crash a reader; callers apply declared defaults. A stored NaN
-    or inf is returned as is: whether the model may see it is the caller's decision.
+    Results come back in the order asked; a feature the snapshot lacks, or an instance without
+    a (readable) snapshot, reads as `None`: callers apply declared defaults. Values are returned
+    as stored (the writers store floats), without a per-value check: inference validates every
+    value it scores anyway (`scoring.fill_row`).
     """
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for index, (_entity, _id, names) in enumerate(wanted):
-        groups.setdefault(tuple(names), []).append(index)
-    script = redis.register_script(_ONLINE_SCRIPT)
-    pipe = redis.pipeline(transaction=False)
-    for names, indexes in groups.items():
-        keys = [feature_key(wanted[i][0], wanted[i][1]) for i in indexes]
-        script(keys=keys, args=[*names, *(name + TS_SUFFIX for name in names)], client=pipe)
-    replies = pipe.execute()
-    reads: list[FeatureRead | None] = [None] * len(wanted)
-    for (names, indexes), reply in zip(groups.items(), replies, strict=True):
-        count = len(names)
-        for index, row in zip(indexes, reply, strict=True):
-            reads[index] = _stored_read(names, count, row)
-    return reads  # type: ignore[return-value]
+    reads = []
+    for (_entity, _id, names), snapshot in zip(wanted, _snapshots(redis, wanted), strict=True):
+        if snapshot is None:
+            reads.append(FeatureRead(dict.fromkeys(names), None))
+            continue
+        clock, stored = snapshot
+        reads.append(FeatureRead({name: stored.get(name) for name in names}, clock))
+    return reads
 
 
-def _stored_read(names: tuple[str, ...], count: int, row: list) -> FeatureRead:
-    """A `FeatureRead` from one reply row `[@values, @ts, *named values, *named @ts]`: the
-    service's one-field JSON when present (one parse per entity), else the named fields."""
-    packed, clock = row[0], row[1]
-    if packed is not None:
-        stored = orjson.loads(packed)
-        values = {name: _to_float(stored.get(name)) for name in names}
-        stamps = [clock]
-    else:
-        values = {name: _to_float(raw) for name, raw in zip(names, row[2:], strict=False)}
-        stamps = [clock, *row[2 + count :]]
-    newest = [int(raw) for raw in stamps if isinstance(raw, bytes | str) and raw.isdigit()]
-    return FeatureRead(values, max(newest) if newest else None)
-
-
-def _to_float(raw: bytes | str | float | None) -> float | None:
-    if raw is None:
+def _to_float(raw: object) -> float | None:
+    if raw is None or isinstance(raw, bool):
         return None
     try:
-        return float(raw)
+        return float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
 
@@ -111,11 +121,16 @@ def write_features(
     event_ms: Mapping[str, int],
     ttl_s: int | None = None,
 ) -> None:
-    """Set features of one entity instance (values and their event times) in one round trip."""
-    mapping: dict[str, str] = {name: repr(float(value)) for name, value in values.items()}
+    """Seed one entity instance (tests, benchmarks, backfills) in one round trip: its snapshot
+    is replaced by `values` as of the newest of `event_ms`, and the hash gets the values and,
+    per feature, `{feature}@ts`."""
+    values = {name: float(value) for name, value in values.items()}
+    clock = max((int(ms) for ms in event_ms.values()), default=0)
+    mapping: dict[str, str] = {name: repr(value) for name, value in values.items()}
     mapping.update({name + TS_SUFFIX: str(int(ms)) for name, ms in event_ms.items()})
     pipe = redis.pipeline(transaction=True)
     pipe.hset(feature_key(entity, entity_id), mapping=mapping)
+    pipe.set(snapshot_key(entity, entity_id), encode_snapshot(clock, values), ex=ttl_s or None)
     if ttl_s:
         pipe.expire(feature_key(entity, entity_id), ttl_s)
     pipe.execute()
@@ -142,67 +157,44 @@ class OnlineVector:
         return max(0.0, (now_ms - self.as_of_ms) / 1000)
 
 
-VALUES_FIELD = "@values"
-"""The features service also writes every value of an instance as one JSON object here, so the
-online read path fetches one field per entity instead of one per feature."""
-
-_ONLINE_SCRIPT = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local row = redis.call('HMGET', key, '@values', '@ts')
-  if not row[1] then
-    local fields = redis.call('HMGET', key, unpack(ARGV))
-    for j = 1, #fields do row[j + 2] = fields[j] end
-  end
-  out[i] = row
-end
-return out
-"""
-
-
 def read_online(
     redis: Redis,
     registry: FeatureRegistry,
     wanted: Sequence[tuple[str, str, Sequence[str]]],
     now_ms: int,
 ) -> list[OnlineVector]:
-    """Read `(entity, entity_id, feature names)` per item in one pipelined round trip.
+    """Read `(entity, entity_id, feature names)` per item in one round trip (one `MGET`).
 
     A feature with no stored value, or whose entity's values are past the entity TTL at
     `now_ms` (event time, so it agrees with the offline computation), gets its declared default
     and is listed in `defaulted`. Raises `UnknownFeature` before any I/O for names the
-    definitions lack. Items asking for the same names share one server-side call; per instance
-    it reads `@values` and `@ts` (as the features service writes them), or the named fields
-    (as `write_features` seeds them).
+    definitions lack.
     """
     known = registry.plans
     plans = []
+    picks: dict[tuple[str, ...], Callable[[dict], tuple]] = {}
     checked: set[tuple[str, tuple[str, ...]]] = set()
     for entity, _entity_id, names in wanted:
         plan = known.get(entity)
         if plan is None:
             raise UnknownFeature(f"no features are defined for entity {entity!r}")
-        if (entity, tuple(names)) not in checked:
+        names = tuple(names)
+        if (entity, names) not in checked:
             unknown = [name for name in names if name not in plan.defaults]
             if unknown:
                 raise UnknownFeature(f"entity {entity!r} has no features {unknown}")
-            checked.add((entity, tuple(names)))
+            checked.add((entity, names))
+            if names not in picks:
+                picks[names] = (
+                    itemgetter(*names) if len(names) > 1 else lambda d, n=names[0]: (d[n],)
+                )
         plans.append(plan)
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for index, (_entity, _id, names) in enumerate(wanted):
-        groups.setdefault(tuple(names), []).append(index)
-    script = redis.register_script(_ONLINE_SCRIPT)
-    pipe = redis.pipeline(transaction=False)
-    for names, indexes in groups.items():
-        keys = [feature_key(wanted[i][0], wanted[i][1]) for i in indexes]
-        script(keys=keys, args=list(names), client=pipe)
-    vectors: list[OnlineVector | None] = [None] * len(wanted)
-    for (names, indexes), reply in zip(groups.items(), pipe.execute(), strict=True):
-        pick = itemgetter(*names) if len(names) > 1 else lambda d, n=names[0]: (d[n],)
-        for index, row in zip(indexes, reply, strict=True):
-            entity, entity_id, _names = wanted[index]
-            vectors[index] = _vector(entity, entity_id, names, pick, row, plans[index], now_ms)
-    return vectors  # type: ignore[return-value]
+    return [
+        _vector(entity, entity_id, tuple(names), picks[tuple(names)], snapshot, plan, now_ms)
+        for (entity, entity_id, names), snapshot, plan in zip(
+            wanted, _snapshots(redis, wanted), plans, strict=True
+        )
+    ]
 
 
 def _vector(
@@ -210,29 +202,24 @@ def _vector(
     entity_id: str,
     names: tuple[str, ...],
     pick: Callable[[dict], tuple],
-    row: list,
+    snapshot: tuple[int, dict] | None,
     plan: EntityPlan,
     now_ms: int,
 ) -> OnlineVector:
-    """One instance's served values from its reply: `[@values, @ts, *named fields]`;
-    `pick` takes the named values out of a dict at C speed (KeyError if one is missing)."""
-    packed, clock_raw = row[0], row[1]
-    clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else None
+    """One instance's served values from its snapshot; `pick` takes the named values out of
+    the stored dict at C speed (KeyError if one is missing)."""
     defaults = plan.defaults
-    if clock is not None and now_ms - clock >= plan.ttl_ms:
+    if snapshot is None or now_ms - snapshot[0] >= plan.ttl_ms:
         return OnlineVector(entity, entity_id, {n: defaults[n] for n in names}, names, None)
-    if packed is not None:
-        stored = orjson.loads(packed)
-        try:
-            values = dict(zip(names, pick(stored), strict=True))
-            return OnlineVector(entity, entity_id, values, (), clock)
-        except KeyError:
-            found = {name: stored.get(name) for name in names}
-    else:
-        found = {name: _to_float(raw) for name, raw in zip(names, row[2:], strict=False)}
+    clock, stored = snapshot
+    try:
+        picked = pick(stored)
+    except KeyError:
+        picked = None
+    if picked is not None and None not in picked:
+        return OnlineVector(entity, entity_id, dict(zip(names, picked, strict=True)), (), clock)
+    found = {name: _to_float(stored.get(name)) for name in names}
     defaulted = tuple(name for name, value in found.items() if value is None)
-    if not defaulted:
-        return OnlineVector(entity, entity_id, found, (), clock)
     values = {name: defaults[name] if value is None else value for name, value in found.items()}
     served_clock = None if len(defaulted) == len(names) else clock
     return OnlineVector(entity, entity_id, values, defaulted, served_clock)

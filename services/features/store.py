@@ -3,9 +3,10 @@ together by one Lua script so that a crash can never leave one without the other
 
 Keys (the full layout is specified in docs/features.md, "Redis key layout"):
 
-- `sluice:fv:{entity}:{id}` (hash; the public part is read through `client.py`):
-  `{feature}` -> value (`repr` of a float), `@values` -> all values as one JSON object (the fast
-  read path), `@ts` -> the entity's clock (epoch ms), and the private window state:
+- `sluice:fvs:{entity}:{id}` (string, public, read through `client.py`): the snapshot
+  `[clock, {feature: value}]` the readers `MGET`. Expires with the hash.
+- `sluice:fv:{entity}:{id}` (hash): `{feature}` -> value (`repr` of a float), `@ts` -> the
+  entity's clock (epoch ms), and the private window state:
   `~{event_type}\\x1f{event_id}` -> JSON `[ts, lateness_ms, {field: value}]` for each observation
   inside the entity's largest window. Expires at `clock + ttl` (PEXPIREAT). Values and state
   share the hash so that one HSET, at most one HDEL and one PEXPIREAT write both.
@@ -46,14 +47,21 @@ for _, fence in ipairs(batch[1]) do
   if current ~= fence[2] then return {0, fence[1], current} end
 end
 for _, write in ipairs(batch[2]) do
-  local key, sets, deletes = write[1], write[3], write[4]
+  local key, expire, sets, deletes = write[1], write[2], write[3], write[4]
   for i = 1, #sets, 7998 do
     redis.call('HSET', key, unpack(sets, i, math.min(i + 7997, #sets)))
   end
   for i = 1, #deletes, 7998 do
     redis.call('HDEL', key, unpack(deletes, i, math.min(i + 7997, #deletes)))
   end
-  if write[2] ~= '' then redis.call('PEXPIREAT', key, write[2]) end
+  if expire ~= '' then redis.call('PEXPIREAT', key, expire) end
+  if write[5] ~= '' then
+    if expire ~= '' then
+      redis.call('SET', write[5], write[6], 'PXAT', expire)
+    else
+      redis.call('SET', write[5], write[6])
+    end
+  end
 end
 for _, fence in ipairs(batch[1]) do
   redis.call('HSET', fence[1], 'version', fence[3])
@@ -61,8 +69,8 @@ end
 return {1}
 """
 """One JSON argument `[[fence...], [write...]]`: a fence is `[key, expected, new version]`, a
-write `[key, expire_at_ms or "", [field, value, ...], [field to delete, ...]]`. Lua's `unpack`
-takes at most a few thousand values, hence the slices."""
+write `[key, expire_at_ms or "", [field, value, ...], [field to delete, ...], snapshot key or "",
+snapshot]`. Lua's `unpack` takes at most a few thousand values, hence the slices."""
 
 
 def marker_key(app_id: str, partition: int) -> str:
@@ -116,7 +124,7 @@ class CommitBatch:
 
     def __init__(self) -> None:
         self.fences: list[tuple[str, str, str]] = []
-        self.writes: list[tuple[str, str, list[str], list[str]]] = []
+        self.writes: list[tuple[str, str, list[str], list[str], str, str]] = []
 
     def fence(self, key: str, expected_version: int) -> None:
         """Write nothing unless `key`'s version is `expected_version`; then bump it."""
@@ -128,10 +136,13 @@ class CommitBatch:
         sets: list[str],
         deletes: list[str] | None = None,
         expire_at_ms: int | None = None,
+        snapshot: tuple[str, str] | None = None,
     ) -> None:
-        """HSET the flat field/value pairs `sets`, HDEL `deletes`, then PEXPIREAT if given."""
+        """HSET the flat field/value pairs `sets`, HDEL `deletes`, then PEXPIREAT if given;
+        `snapshot` is a `(key, value)` string to SET with the same expiry."""
         expire = "" if expire_at_ms is None else str(expire_at_ms)
-        self.writes.append((key, expire, sets, deletes or []))
+        snapshot_key, snapshot_value = snapshot or ("", "")
+        self.writes.append((key, expire, sets, deletes or [], snapshot_key, snapshot_value))
 
     def payload(self) -> bytes:
         """The script's argument."""

@@ -29,13 +29,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import chain
 
 import orjson
 from prometheus_client import Counter, Histogram
 
 from schemas.messages import Event
 from services.common.metrics import metric
-from services.features.client import VALUES_FIELD, feature_key
+from services.features.client import encode_snapshot, feature_key, snapshot_key
 from services.features.definitions import EntityPlan, FeatureRegistry
 from services.features.store import (
     ENTITY_TS_FIELD,
@@ -380,27 +381,29 @@ class Applier:
                     changed += [marker_field(topic, source), f"{offset} {watermark}"]
             if changed:
                 batch.write(key, changed)
+        ttls = {entity: plan.ttl_ms for entity, plan in self.plans.items()}
         for (entity, entity_id), window in touched.items():
             clock = window.clock
             assert clock is not None
             values = window.values()
-            present = {name: value for name, value in values.items() if value is not None}
-            sets: list[str] = [
-                ENTITY_TS_FIELD,
-                str(clock),
-                VALUES_FIELD,
-                orjson.dumps(present).decode(),
-            ]
-            missing = [name for name, value in values.items() if value is None]
-            for name, value in present.items():
-                sets += [name, repr(value)]
+            missing: list[str] = []
+            if None in values.values():
+                missing = [name for name, value in values.items() if value is None]
+                values = {name: value for name, value in values.items() if value is not None}
+            sets = [ENTITY_TS_FIELD, str(clock)]
+            sets += chain.from_iterable(zip(values, map(repr, values.values()), strict=True))
             for observation in window.added.values():
-                sets += [
+                sets += (
                     observation_field(observation.event_type, observation.event_id),
                     encode_observation(observation),
-                ]
-            missing += [observation_field(t, i) for t, i in window.removed]
+                )
+            if window.removed:
+                missing += [observation_field(t, i) for t, i in window.removed]
             batch.write(
-                feature_key(entity, entity_id), sets, missing, clock + self.plans[entity].ttl_ms
+                feature_key(entity, entity_id),
+                sets,
+                missing,
+                clock + ttls[entity],
+                (snapshot_key(entity, entity_id), encode_snapshot(clock, values).decode()),
             )
         return batch
