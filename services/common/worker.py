@@ -21,6 +21,7 @@ Batching is Triton-style "size or time" (`collect_batch`): a batch is handled on
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -43,6 +44,21 @@ from services.common.metrics import metric
 from services.common.settings import SluiceSettings
 
 log = logging.getLogger(__name__)
+
+
+def tune_garbage_collector() -> None:
+    """Collect young objects less often and never rescan what start-up built; call once a
+    service is loaded, before its loop runs.
+
+    A worker allocates a batch's worth of short-lived objects (records, requests, outputs) per
+    poll and keeps long-lived ones (models, windows, routing tables); with CPython's default
+    thresholds the collector rescans the long-lived ones over and over. Measured on the 2-core
+    build machine: a third of the features stream's CPU, and 63 -> 47 us per request in the
+    inference handler on 512-request batches.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1_000)
+
 
 MAX_DLQ_ORIGINAL_BYTES = 256 * 1024
 """Originals larger than this are cut in the DLQ record (the cut is stated in the details)."""

@@ -4,7 +4,6 @@ HTTP API. No logic of its own."""
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from redis import Redis
 
 from services.common.apikeys import authorize, parse_keys
 from services.common.logging import configure_logging
+from services.common.worker import tune_garbage_collector
 from services.features.api import create_api
 from services.features.definitions import FeatureRegistry
 from services.features.runtime import FaustRuntime, Pipeline, build_worker
@@ -61,17 +61,6 @@ def serve_http(
     )
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, name="features-http", daemon=True).start()
-
-
-def tune_garbage_collector() -> None:
-    """Collect young objects less often and never rescan what start-up built.
-
-    The stream keeps many long-lived small objects (windows, observations) and allocates many
-    short-lived ones per batch; with CPython's default thresholds the collector rescans the
-    long-lived ones over and over (about a third of the stream's CPU in profiles here).
-    """
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 1_000)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from redis import Redis
 from schemas.messages import PredictionRequest
 from services.common.logging import configure_logging
 from services.common.metrics import serve_health
-from services.common.worker import FixedBatch, KafkaWorker
+from services.common.worker import FixedBatch, KafkaWorker, tune_garbage_collector
 from services.inference.batcher import AdaptiveBatch
 from services.inference.control import ControlPlane
 from services.inference.service import InferenceService
@@ -65,6 +65,7 @@ def main() -> None:
     control.caught_up.wait(30)
     if settings.metrics_port:
         serve_health(settings.metrics_port, lambda: worker.ready() and control.caught_up.is_set())
+    tune_garbage_collector()
     try:
         worker.run()
     finally:

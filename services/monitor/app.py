@@ -24,7 +24,7 @@ from services.common.codec import DecodeError, decode, encode
 from services.common.kafka import DeadLetters, consumer_config, make_producer
 from services.common.logging import configure_logging
 from services.common.metrics import serve_health
-from services.common.worker import FixedBatch, KafkaWorker
+from services.common.worker import FixedBatch, KafkaWorker, tune_garbage_collector
 from services.monitor.analyzer import Analyzer, Publish
 from services.monitor.references import References
 from services.monitor.settings import MonitorSettings
@@ -178,6 +178,7 @@ def main() -> None:
         serve_health(settings.metrics_port, monitor.ready)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: monitor.stopping.set())
+    tune_garbage_collector()
     monitor.start()
     log.info("monitor started", extra={"sinks": settings.monitor_sinks})
     monitor.stopping.wait()

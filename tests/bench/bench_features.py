@@ -23,7 +23,7 @@ import numpy as np
 from redis import Redis
 
 from deploy.demo.generator import DemoConfig, generate
-from services.features.app import tune_garbage_collector
+from services.common.worker import tune_garbage_collector
 from services.features.client import (
     encode_snapshot,
     feature_key,
