@@ -12,8 +12,8 @@ from services.features.client import (
     UnknownFeature,
     encode_snapshot,
     feature_key,
-    read_features,
     read_online,
+    read_snapshots,
     snapshot_key,
     write_features,
 )
@@ -79,21 +79,25 @@ def test_read_online_refuses_unknown_names_before_touching_redis():
         read_online(offline, registry, [("planet", "p", ["size"])], 0)
 
 
-def test_read_features_sees_the_entity_clock_and_seeded_values_alike(redis):
+def test_read_snapshots_sees_what_the_service_and_the_seeding_helper_wrote(redis):
     prefix = unique("compat")
     store_values(redis, "card", f"{prefix}-a", {"card_txn_count_1h": 2.0}, 1_000)
     write_features(
-        redis, "card", f"{prefix}-b", {"card_txn_count_1h": 5.0}, {"card_txn_count_1h": 2_000}
-    )
-    a, b = read_features(
         redis,
-        [
-            ("card", f"{prefix}-a", ["card_txn_count_1h"]),
-            ("card", f"{prefix}-b", ["card_txn_count_1h"]),
-        ],
+        "card",
+        f"{prefix}-b",
+        {"card_txn_count_1h": 5.0, "card_txn_count_10m": 1.0},
+        {"card_txn_count_1h": 2_000, "card_txn_count_10m": 1_500},
     )
-    assert (a.values, a.newest_event_ms) == ({"card_txn_count_1h": 2.0}, 1_000)
-    assert (b.values, b.newest_event_ms) == ({"card_txn_count_1h": 5.0}, 2_000)
+    redis.set(snapshot_key("card", f"{prefix}-c"), b"not a snapshot")
+    a, b, c, d = read_snapshots(
+        redis,
+        [("card", f"{prefix}-a"), ("card", f"{prefix}-b"), ("card", f"{prefix}-c"), ("card", "x")],
+    )
+    assert a == (1_000, {"card_txn_count_1h": 2.0})
+    assert b == (2_000, {"card_txn_count_1h": 5.0, "card_txn_count_10m": 1.0}), "newest time"
+    assert c is None and d is None, "unreadable or absent: missing, never an exception"
+    assert read_snapshots(redis, []) == []
 
 
 def test_a_commit_fenced_by_another_writer_writes_nothing(redis):

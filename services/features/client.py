@@ -10,7 +10,7 @@ Layout (specified in docs/features.md, "Redis key layout"), per entity instance:
   (`{feature}` -> decimal string) with `@ts` (the clock), for humans and tools, and the features
   service's private window state.
 
-Both expire with the entity's TTL. Two readers: `read_features` returns what is stored (callers
+Both expire with the entity's TTL. Two readers: `read_snapshots` returns what is stored (callers
 apply defaults themselves); `read_online` applies the definitions: declared defaults for missing
 or expired values, flagged as defaulted, and the freshness of what was served.
 """
@@ -41,13 +41,17 @@ def snapshot_key(entity: str, entity_id: str) -> str:
     return f"{SNAPSHOT_PREFIX}:{entity}:{entity_id}"
 
 
+Snapshot = tuple[int, dict]
+"""`(clock, {feature: value})` of one entity instance, as stored."""
+
+
 def encode_snapshot(clock: int, values: Mapping[str, float]) -> bytes:
     """The snapshot value: JSON `[clock, {feature: value}]` (a NaN or inf is written as null,
     JSON having no spelling for it, and reads as missing)."""
     return orjson.dumps([clock, values])
 
 
-def _snapshot(raw: bytes | None) -> tuple[int, dict] | None:
+def _snapshot(raw: bytes | None) -> Snapshot | None:
     """`(clock, values)` of a stored snapshot; None when absent or not a snapshot, so a bad
     write can never crash a reader."""
     if raw is None:
@@ -61,47 +65,18 @@ def _snapshot(raw: bytes | None) -> tuple[int, dict] | None:
     return clock, values
 
 
-def _snapshots(redis: Redis, wanted: Sequence[tuple[str, str, Sequence[str]]]) -> list:
-    """The stored snapshot of every item of `wanted`, in one `MGET`."""
-    if not wanted:
-        return []
-    return [_snapshot(raw) for raw in redis.mget([snapshot_key(e, i) for e, i, _ in wanted])]
+def read_snapshots(redis: Redis, keys: Sequence[tuple[str, str]]) -> list[Snapshot | None]:
+    """The stored snapshot of each `(entity, entity_id)` in one round trip (one `MGET`); None
+    for an instance without a (readable) snapshot. The raw read inference uses: values are as
+    stored (the writers store floats; features without a value are absent) and nothing is
+    defaulted or checked here (inference checks every value it scores, `scoring.fill_row`).
 
-
-@dataclass(frozen=True, slots=True)
-class FeatureRead:
-    """Online values of one entity instance; `None` where the store holds no value."""
-
-    values: dict[str, float | None]
-    newest_event_ms: int | None
-
-    def freshness_s(self, now_ms: int) -> float | None:
-        """Age of the newest contributing event, in seconds (None when nothing was found)."""
-        if self.newest_event_ms is None:
-            return None
-        return max(0.0, (now_ms - self.newest_event_ms) / 1000)
-
-
-def read_features(
-    redis: Redis, wanted: Sequence[tuple[str, str, Sequence[str]]]
-) -> list[FeatureRead]:
-    """Read `(entity, entity_id, feature names)` for each item in one round trip (one `MGET` of
-    the items' snapshots). The keys must live on one Redis node (true of a single Redis or a
-    replicated one; on Redis Cluster give them a common hash tag).
-
-    Results come back in the order asked; a feature the snapshot lacks, or an instance without
-    a (readable) snapshot, reads as `None`: callers apply declared defaults. Values are returned
-    as stored (the writers store floats), without a per-value check: inference validates every
-    value it scores anyway (`scoring.fill_row`).
+    The keys must live on one Redis node (true of a single Redis or a replicated one; on Redis
+    Cluster give them a common hash tag).
     """
-    reads = []
-    for (_entity, _id, names), snapshot in zip(wanted, _snapshots(redis, wanted), strict=True):
-        if snapshot is None:
-            reads.append(FeatureRead(dict.fromkeys(names), None))
-            continue
-        clock, stored = snapshot
-        reads.append(FeatureRead({name: stored.get(name) for name in names}, clock))
-    return reads
+    if not keys:
+        return []
+    return [_snapshot(raw) for raw in redis.mget([snapshot_key(e, i) for e, i in keys])]
 
 
 def _to_float(raw: object) -> float | None:
@@ -192,7 +167,7 @@ def read_online(
     return [
         _vector(entity, entity_id, tuple(names), picks[tuple(names)], snapshot, plan, now_ms)
         for (entity, entity_id, names), snapshot, plan in zip(
-            wanted, _snapshots(redis, wanted), plans, strict=True
+            wanted, read_snapshots(redis, [(e, i) for e, i, _ in wanted]), plans, strict=True
         )
     ]
 
@@ -202,7 +177,7 @@ def _vector(
     entity_id: str,
     names: tuple[str, ...],
     pick: Callable[[dict], tuple],
-    snapshot: tuple[int, dict] | None,
+    snapshot: Snapshot | None,
     plan: EntityPlan,
     now_ms: int,
 ) -> OnlineVector:

@@ -126,21 +126,16 @@ def entity_id_for(entity: str, request: PredictionRequest) -> str:
     return override if isinstance(override, str) and override else request.entity_id
 
 
-def online_wants(
+def online_keys(
     jobs: Sequence[Job], plans: Mapping[tuple[str, str], FeaturePlan]
-) -> dict[tuple[str, str], set[str]]:
-    """Every (entity, entity id) the batch needs and which of its features, for one read."""
-    wants: dict[tuple[str, str], set[str]] = {}
+) -> list[tuple[str, str]]:
+    """Every (entity, entity id) whose online features the batch needs, once, for one read."""
+    keys: dict[tuple[str, str], None] = {}
     for job in jobs:
-        if job.error is not None:
-            continue
-        for entity, names in plans[(job.request.model, job.version)].online.items():
-            key = (entity, entity_id_for(entity, job.request))
-            if key in wants:
-                wants[key].update(names)
-            else:
-                wants[key] = set(names)
-    return wants
+        if job.error is None:
+            for entity in plans[(job.request.model, job.version)].online:
+                keys[(entity, entity_id_for(entity, job.request))] = None
+    return list(keys)
 
 
 def fill_row(

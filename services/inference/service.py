@@ -25,7 +25,7 @@ from schemas.messages import ErrorBody, PredictionRequest, Route, RoutingTable
 from services.common.codec import encode_obj
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.common.worker import Output, Record
-from services.features.client import read_features
+from services.features.client import read_snapshots
 from services.inference.batcher import AdaptiveBatch
 from services.inference.engine import Engine
 from services.inference.manifest import Manifest
@@ -34,7 +34,7 @@ from services.inference.scoring import (
     FeaturePlan,
     Job,
     fill_row,
-    online_wants,
+    online_keys,
     output_rows,
     plan_jobs,
     score_column,
@@ -243,14 +243,11 @@ class InferenceService:
         defaults or failed with `online_store_unavailable` (`fill_row`), and the next batch
         tries the store again (the client reconnects by itself once Redis is back).
         """
-        wants = online_wants(jobs, plans)
-        if not wants:
+        keys = online_keys(jobs, plans)
+        if not keys:
             return {}, False
-        keys = list(wants)
         try:
-            reads = read_features(
-                self.redis, [(entity, eid, sorted(wants[(entity, eid)])) for entity, eid in keys]
-            )
+            snapshots = read_snapshots(self.redis, keys)
         except RedisError as exc:
             self.metrics.store_errors.inc()
             now = time.monotonic()
@@ -258,7 +255,9 @@ class InferenceService:
                 self._store_error_logged_at = now
                 log.warning("online store unavailable", extra={"error": str(exc)})
             return {}, True
-        return {key: read.values for key, read in zip(keys, reads, strict=True)}, False
+        return {
+            key: snapshot[1] for key, snapshot in zip(keys, snapshots, strict=True) if snapshot
+        }, False
 
     def _run(self, loaded: LoadedVersion, jobs: Sequence[Job], results: dict) -> None:
         limit = self.settings.inference_max_batch_size

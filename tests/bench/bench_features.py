@@ -7,7 +7,7 @@ starts, and the rate is events / (all offset markers at the end - process ready)
 row runs the same two stages in this process straight against Redis (no Kafka, no decoding): the
 ceiling of the computation itself.
 
-Read latency: `read_online` (declared defaults, TTL, freshness) and `read_features` (the raw
+Read latency: `read_online` (declared defaults, TTL, freshness) and `read_snapshots` (the raw
 reader inference calls) of 1, 10 and 100 entities x 20 features, one round trip (MGET) each,
 against keys laid out as the stream writes them (the snapshot each reader `MGET`s, and the hash
 with values, `@ts` and window state).
@@ -27,8 +27,8 @@ from services.common.worker import tune_garbage_collector
 from services.features.client import (
     encode_snapshot,
     feature_key,
-    read_features,
     read_online,
+    read_snapshots,
     snapshot_key,
 )
 from services.features.definitions import FeatureRegistry
@@ -167,9 +167,10 @@ def _read_latency(ctx: BenchContext, iterations: int) -> BenchTable:
     rows: list[list[object]] = []
     for count in (1, 10, 100):
         wanted = [("card", f"{prefix}-{i}", names) for i in range(count)]
+        keys = [(entity, entity_id) for entity, entity_id, _ in wanted]
         for reader, read in (
             ("read_online", lambda w=wanted: read_online(redis, registry, w, now)),
-            ("read_features", lambda w=wanted: read_features(redis, w)),
+            ("read_snapshots", lambda k=keys: read_snapshots(redis, k)),
         ):
             for _ in range(20):
                 read()
