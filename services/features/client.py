@@ -192,7 +192,10 @@ def _vector(
     except KeyError:
         picked = None
     if picked is not None and None not in picked:
-        return OnlineVector(entity, entity_id, dict(zip(names, picked, strict=True)), (), clock)
+        # Every name asked is stored; asked for all of them (the usual read), the freshly
+        # parsed dict is the answer as it is.
+        values = stored if len(stored) == len(names) else dict(zip(names, picked, strict=True))
+        return OnlineVector(entity, entity_id, values, (), clock)
     found = {name: _to_float(stored.get(name)) for name in names}
     defaulted = tuple(name for name, value in found.items() if value is None)
     values = {name: defaults[name] if value is None else value for name, value in found.items()}

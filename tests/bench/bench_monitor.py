@@ -39,7 +39,7 @@ from services.monitor.rows import prediction_columns
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import Store
 from services.monitor.windows import Window
-from tests.bench.harness import BenchContext, BenchTable
+from tests.bench.harness import BenchContext, BenchTable, service_gc
 from tests.support import produce_all, unique
 
 FEATURES = [f"f{i}" for i in range(20)]
@@ -71,6 +71,12 @@ def _caught_up(worker, ends: dict[int, int]) -> bool:
 
 
 def bench_sink(ctx: BenchContext) -> BenchTable:
+    """The sink as the monitor service runs it (its garbage-collector tuning included)."""
+    with service_gc():
+        return _bench_sink(ctx)
+
+
+def _bench_sink(ctx: BenchContext) -> BenchTable:
     rows = 60_000 if ctx.quick else 300_000
     model = unique("bench-sink")
     rng = np.random.default_rng(1)

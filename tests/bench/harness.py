@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +35,23 @@ class BenchContext:
     cluster: ClusterConfig
     workdir: Path
     quick: bool = False
+
+
+@contextmanager
+def service_gc() -> Iterator[None]:
+    """Run a service's code in this process under the garbage-collector tuning the services
+    apply at start-up (`tune_garbage_collector`), so an in-process measurement is not slowed
+    by rescans of what the benchmark itself holds; restored afterwards."""
+    from services.common.worker import tune_garbage_collector
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    tune_garbage_collector()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def machine() -> dict[str, object]:
