@@ -74,10 +74,12 @@ class Run:
 def demo_items(prefix: str) -> list:
     """2,400 demo transactions that all lie in the past: the stream's rate follows the hour of
     day, so the span of a fixed count depends on when the test runs; start earlier until the
-    newest event is a minute old."""
+    newest event is a minute old. Each retry goes back at least an hour: at night a start moved
+    back only by the overshoot lands in slower hours and overshoots again (it did, six times,
+    at 06:20 UTC), while a day back always holds 2,400 events."""
     now_ms = int(time.time() * 1000)
     start_ms = now_ms - 2 * 3_600_000
-    for _ in range(6):
+    for _ in range(48):
         config = DemoConfig(
             seed=11,
             cards=250,
@@ -93,7 +95,7 @@ def demo_items(prefix: str) -> list:
         overshoot = max(item.event.ts_ms for item in items) - (now_ms - 60_000)
         if overshoot <= 0:
             return items
-        start_ms -= overshoot + 600_000
+        start_ms -= max(overshoot + 600_000, 3_600_000)
     raise AssertionError("the demo stream keeps ending in the future")
 
 
