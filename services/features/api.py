@@ -72,7 +72,7 @@ def create_api(
     api = FastAPI(title="Sluiceway features", version="1")
 
     def role(name: str):
-        def check(
+        async def check(  # async: a plain `def` dependency costs a thread-pool hop per request
             authorization: Annotated[str | None, Header()] = None,
             x_api_key: Annotated[str | None, Header()] = None,
         ) -> None:

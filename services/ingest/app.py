@@ -96,7 +96,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.ingest_max_body_bytes)
 
     def role(name: str):
-        def check(
+        # `async` although it awaits nothing: FastAPI runs a plain `def` dependency in its
+        # thread pool, a thread hop on every request (~15% of the gateway's CPU under load).
+        async def check(
             authorization: Annotated[str | None, Header()] = None,
             x_api_key: Annotated[str | None, Header()] = None,
         ) -> None:

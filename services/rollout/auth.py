@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from fastapi import Request
@@ -86,11 +86,12 @@ class ApiKeys:
                 found = role
         return found
 
-    def require(self, role: Role) -> Callable[[Request], None]:
+    def require(self, role: Role) -> Callable[[Request], Awaitable[None]]:
         """A dependency that raises `AuthError` unless the request's key has `role` (admin
-        satisfies viewer)."""
+        satisfies viewer). Async although it awaits nothing: FastAPI runs a plain `def`
+        dependency in its thread pool."""
 
-        def check(request: Request) -> None:
+        async def check(request: Request) -> None:
             if not self.enabled:
                 return
             presented = request.headers.get("x-api-key")
