@@ -47,6 +47,14 @@ class SluiceSettings(BaseSettings):
         description="librdkafka `fetch.wait.max.ms`. Tansu (local broker) never wakes a waiting "
         "fetch early, so every hop costs up to this much latency there.",
     )
+    kafka_batch_fetch_wait_max_ms: int = Field(
+        250,
+        ge=0,
+        description="librdkafka `fetch.wait.max.ms` of the consumers that read high-volume topics "
+        "in batches off the request path (monitor sinks, the features worker runtime). Tansu "
+        "re-lists a partition's stored batches on every fetch, so frequent idle fetches cost "
+        "it CPU that grows with the data it holds; real Kafka answers as soon as data arrives.",
+    )
     kafka_session_timeout_ms: int = Field(
         6000, ge=1000, description="Consumer-group session timeout; Tansu joins take about half."
     )

@@ -112,6 +112,7 @@ def sink_workers(settings: MonitorSettings) -> list[KafkaWorker]:
                 batch_policy=FixedBatch(
                     settings.monitor_sink_batch_size, settings.monitor_sink_max_wait_ms / 1000
                 ),
+                consumer_overrides={"fetch.wait.max.ms": settings.kafka_batch_fetch_wait_max_ms},
             )
         )
     return workers
