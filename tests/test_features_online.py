@@ -18,7 +18,13 @@ from services.features.client import (
     write_features,
 )
 from services.features.definitions import FeatureRegistry
-from services.features.store import CommitBatch, CommitConflict, StateStore, marker_key
+from services.features.store import (
+    CommitBatch,
+    CommitConflict,
+    StateStore,
+    marker_key,
+    migrate_snapshots,
+)
 from tests.support import unique
 from tests.test_features_support import DEMO_DEFINITIONS
 
@@ -116,3 +122,42 @@ def test_a_commit_fenced_by_another_writer_writes_nothing(redis):
     assert redis.hgetall(key) == {b"@ts": b"5", b"card_txn_count_1h": b"1.0"}
     assert redis.hget(marker_key(app, 0), "version") == b"1"
     assert redis.pttl(key) > 0
+
+
+def test_migrate_snapshots_fills_in_what_an_older_build_wrote_and_keeps_what_exists(redis):
+    prefix = unique("migrate")
+    service = feature_key("card", f"{prefix}-service")
+    redis.hset(
+        service,
+        mapping={
+            "card_txn_count_1h": "3.0",
+            "@values": '{"card_txn_count_1h":3.0}',
+            "@ts": "1000",
+            "~transaction\x1fe1": "[1000,0,{}]",
+        },
+    )
+    redis.pexpire(service, 60_000)
+    seeded = feature_key("card", f"{prefix}-seeded")
+    redis.hset(
+        seeded,
+        mapping={
+            "card_txn_count_1h": "5.0",
+            "card_txn_count_1h@ts": "2000",
+            "card_txn_count_10m": "1.0",
+            "card_txn_count_10m@ts": "1500",
+        },
+    )
+    store_values(redis, "card", f"{prefix}-current", {"card_txn_count_1h": 9.0}, 3_000)
+    redis.set(snapshot_key("card", f"{prefix}-current"), encode_snapshot(3_000, {"x": 1.0}))
+
+    assert migrate_snapshots(redis) >= 2
+    keys = [("card", f"{prefix}-{name}") for name in ("service", "seeded", "current")]
+    service_snapshot, seeded_snapshot, current = read_snapshots(redis, keys)
+    assert service_snapshot == (1_000, {"card_txn_count_1h": 3.0})
+    assert 0 < redis.pttl(snapshot_key("card", f"{prefix}-service")) <= 60_000, "hash's expiry"
+    assert seeded_snapshot == (2_000, {"card_txn_count_1h": 5.0, "card_txn_count_10m": 1.0})
+    assert redis.pttl(snapshot_key("card", f"{prefix}-seeded")) == -1, "the hash had none"
+    assert current == (3_000, {"x": 1.0}), "an existing snapshot is never replaced"
+    redis.hset(service, "@values", '{"card_txn_count_1h":4.0}')
+    migrate_snapshots(redis)
+    assert read_snapshots(redis, keys)[:2] == [service_snapshot, seeded_snapshot], "idempotent"

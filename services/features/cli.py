@@ -32,6 +32,7 @@ from services.features.offline import (
 )
 from services.features.settings import FeaturesSettings
 from services.features.skew import SkewReport, check_skew, load_served
+from services.features.store import migrate_snapshots
 
 app = typer.Typer(help="Online/offline features: definitions, training sets, skew.")
 console = Console()
@@ -84,6 +85,14 @@ def get(
     redis = connect_redis(FeaturesSettings())
     result = entity_features(registry, redis, entity, entity_id, names, int(time.time() * 1000))
     typer.echo(orjson.dumps(result.model_dump(), option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command("migrate-snapshots")
+def migrate_snapshots_command() -> None:
+    """Write the read snapshot of every entity hash that lacks one (an online store written by
+    a build before `sluice:fvs:*` existed). Safe while the service runs; idempotent."""
+    written = migrate_snapshots(connect_redis(FeaturesSettings()))
+    console.print(f"{written} snapshots written")
 
 
 @app.command()

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 import orjson
 from redis import Redis
 
-from services.features.client import TS_SUFFIX, feature_key
+from services.features.client import (
+    KEY_PREFIX,
+    TS_SUFFIX,
+    encode_snapshot,
+    feature_key,
+    snapshot_key,
+)
 from services.features.windows import Observation
 
 MARKER_PREFIX = "sluice:fo"
@@ -198,3 +204,84 @@ class StateStore:
             key = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
             version = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
             raise CommitConflict(key, version)
+
+
+LEGACY_VALUES_FIELD = "@values"
+"""Where builds before the snapshot key kept an instance's values as one JSON object."""
+
+
+def migrate_snapshots(redis: Redis, page: int = 500) -> int:
+    """Write the snapshot of every feature hash that has none (an online store written before
+    the snapshot key existed); returns how many were written.
+
+    Values come from the hash's `@values` JSON (what the features service wrote) or else its
+    `{feature}` fields (what `write_features` seeded), the clock from `@ts` or else the newest
+    `{feature}@ts`; the snapshot expires with the hash. `SET NX`: a snapshot the running service
+    wrote meanwhile is never replaced, so this is safe to run while it runs, and idempotent.
+    """
+    written = 0
+    for keys in _pages(redis, f"{KEY_PREFIX}:*", page):
+        pipe = redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, LEGACY_VALUES_FIELD, ENTITY_TS_FIELD)
+            pipe.pttl(key)
+        replies = pipe.execute()
+        seeded = [key for key, (packed, _) in zip(keys, replies[::2], strict=True) if not packed]
+        hashes = dict(zip(seeded, _hgetall_all(redis, seeded), strict=True))
+        pipe = redis.pipeline(transaction=False)
+        for key, (packed, clock), ttl_ms in zip(keys, replies[::2], replies[1::2], strict=True):
+            snapshot = _legacy_snapshot(packed, clock, hashes.get(key, {}))
+            if snapshot is None or ttl_ms == -2:
+                continue
+            _, entity, entity_id = key.decode().split(":", 3)[1:]
+            pipe.set(
+                snapshot_key(entity, entity_id),
+                encode_snapshot(*snapshot),
+                px=ttl_ms if ttl_ms > 0 else None,
+                nx=True,
+            )
+        written += sum(1 for ok in pipe.execute() if ok)
+    return written
+
+
+def _pages(redis: Redis, pattern: str, page: int):
+    cursor = 0
+    while True:
+        cursor, keys = redis.scan(cursor, match=pattern, count=page, _type="hash")
+        if keys:
+            yield keys
+        if cursor == 0:
+            return
+
+
+def _hgetall_all(redis: Redis, keys: Sequence[bytes]) -> list[dict]:
+    pipe = redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    return pipe.execute() if keys else []
+
+
+def _legacy_snapshot(
+    packed: bytes | None, clock: bytes | None, fields: dict[bytes, bytes]
+) -> tuple[int, dict[str, float]] | None:
+    """`(clock, values)` of an old-layout hash; None when it holds no clock."""
+    if packed:
+        try:
+            values = orjson.loads(packed)
+        except orjson.JSONDecodeError:
+            return None
+        return (int(clock), values) if clock and clock.isdigit() else None
+    values, stamps = {}, [int(clock)] if clock and clock.isdigit() else []
+    for name, raw in fields.items():
+        text = name.decode()
+        if text.startswith(STATE_FIELD_PREFIX) or text.startswith("@"):
+            continue
+        if text.endswith(TS_SUFFIX):
+            if raw.isdigit():
+                stamps.append(int(raw))
+            continue
+        try:
+            values[text] = float(raw)
+        except ValueError:
+            continue
+    return (max(stamps), values) if stamps else None
