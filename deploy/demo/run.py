@@ -243,7 +243,7 @@ class Traffic:
     gateway_url: str
     rate: float
     drift_after_s: float
-    features_metrics_url: str = ""
+    features_metrics_url: str
     """Where the features service counts the events it routed; history waits for it."""
     history_s: float = 86_400.0
     seed: int = 7
@@ -335,8 +335,6 @@ class Traffic:
 
     def _features_routed(self) -> float:
         """Events the features service has routed since it started (0 when unknown)."""
-        if not self.features_metrics_url:
-            return float("inf")
         counts, _ = Scrape(self.features_metrics_url).sample()
         return total(counts, "sluice_features_events_total", topic=EVENTS.name)
 
