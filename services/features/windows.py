@@ -453,7 +453,9 @@ class EntityWindow:
                     counts[value] = counts.get(value, 0) + 1
                 else:
                     insort(state[i], value)
-        self._prune(clock - plan.max_window_ms)
+        horizon = clock - plan.max_window_ms
+        if self._times[0] <= horizon:  # anything to forget (the call costs more than the test)
+            self._prune(horizon)
         return True
 
     def _slide(self, old_clock: int, new_clock: int) -> None:
