@@ -146,14 +146,14 @@ def read_online(
     definitions lack.
     """
     known = registry.plans
-    plans = []
+    items = []
     picks: dict[tuple[str, ...], Callable[[dict], tuple]] = {}
     checked: set[tuple[str, tuple[str, ...]]] = set()
-    for entity, _entity_id, names in wanted:
+    for entity, entity_id, asked in wanted:
         plan = known.get(entity)
         if plan is None:
             raise UnknownFeature(f"no features are defined for entity {entity!r}")
-        names = tuple(names)
+        names = tuple(asked)
         if (entity, names) not in checked:
             unknown = [name for name in names if name not in plan.defaults]
             if unknown:
@@ -163,12 +163,11 @@ def read_online(
                 picks[names] = (
                     itemgetter(*names) if len(names) > 1 else lambda d, n=names[0]: (d[n],)
                 )
-        plans.append(plan)
+        items.append((entity, entity_id, names, picks[names], plan))
+    snapshots = read_snapshots(redis, [(entity, entity_id) for entity, entity_id, _ in wanted])
     return [
-        _vector(entity, entity_id, tuple(names), picks[tuple(names)], snapshot, plan, now_ms)
-        for (entity, entity_id, names), snapshot, plan in zip(
-            wanted, read_snapshots(redis, [(e, i) for e, i, _ in wanted]), plans, strict=True
-        )
+        _vector(entity, entity_id, names, pick, snapshot, plan, now_ms)
+        for (entity, entity_id, names, pick, plan), snapshot in zip(items, snapshots, strict=True)
     ]
 
 

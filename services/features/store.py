@@ -184,11 +184,9 @@ class StateStore:
 
     def load_observations(self, entities: Sequence[tuple[str, str]]) -> list[list[Observation]]:
         """The stored observations of each `(entity, id)`, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for entity, entity_id in entities:
-            pipe.hgetall(feature_key(entity, entity_id))
+        keys = [feature_key(entity, entity_id) for entity, entity_id in entities]
         result = []
-        for stored in pipe.execute():
+        for stored in _hgetall_all(self.redis, keys):
             observations = []
             for name, raw in stored.items():
                 text = name.decode()
@@ -254,7 +252,8 @@ def _pages(redis: Redis, pattern: str, page: int):
             return
 
 
-def _hgetall_all(redis: Redis, keys: Sequence[bytes]) -> list[dict]:
+def _hgetall_all(redis: Redis, keys: Sequence[str | bytes]) -> list[dict]:
+    """Every field of each hash of `keys`, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(key)
