@@ -6,6 +6,7 @@ import pytest
 
 from schemas.messages import Event
 from services.common.apikeys import authorize, hash_key, parse_keys
+from services.common.kafka import sticky_partition
 from services.inference.client import TensorSpec
 from services.ingest.capture import split_items, validate_items
 from services.ingest.gateway import GatewayError
@@ -140,3 +141,13 @@ def test_reply_partitions_lost_briefly_resume_where_the_listener_stopped():
 def test_reply_partitions_with_an_unknown_end_resume_or_fall_back_to_the_reset_policy():
     starts = start_offsets([0, 1], {0: 5}, {0: 9.0}, log_ends={}, now=10.0, window_s=30.0)
     assert starts == {0: 5}
+
+
+def test_sticky_partitions_hold_for_a_slice_and_take_turns():
+    partitions = [1, 4, 6]
+    slice_of = [sticky_partition(partitions, ms, 20) for ms in range(0, 20)]
+    assert set(slice_of) == {1}, "one partition for the whole first slice"
+    turns = [sticky_partition(partitions, ms, 20) for ms in range(0, 120, 20)]
+    assert turns == [1, 4, 6, 1, 4, 6], "then each partition in turn, one slice each"
+    assert [sticky_partition(partitions, ms, 20, salt=2) for ms in (0, 20)] == [6, 1]
+    assert sticky_partition([3], 123_456, 7, salt=99) == 3

@@ -80,6 +80,19 @@ def consumer_config(settings: SluiceSettings, group_id: str, **overrides: Any) -
     }
 
 
+def sticky_partition(partitions: Sequence[int], now_ms: int, slice_ms: int, salt: int = 0) -> int:
+    """The partition for a message sent at `now_ms` when partitions take turns in time slices of
+    `slice_ms`, starting at `salt` (random per producer, so producers do not move in step).
+
+    Messages sent close together share a partition, hence a produce batch; spread over every
+    partition they each became a batch of their own. Kafka's sticky partitioner (KIP-480) does
+    this for keyless records. The local broker's fetch cost grows with the batches a partition
+    holds, so there it also keeps the broker's CPU flat under sustained request/reply traffic
+    (docs/benchmarks.md).
+    """
+    return partitions[(now_ms // slice_ms + salt) % len(partitions)]
+
+
 class ServiceProducer(Producer):
     """A `Producer` whose fatal errors always arrive as `KafkaException`.
 

@@ -14,8 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 
 from schemas.messages import Event, Label, Scalar
-from schemas.topics import EVENTS, LABELS
+from schemas.topics import EVENTS, LABELS, REQUESTS
 from services.common.apikeys import authorize, parse_keys
+from services.common.worker import tune_garbage_collector
 from services.ingest.capture import capture
 from services.ingest.gateway import Gateway, GatewayError, ModelCatalog, PredictItem
 from services.ingest.limits import BodySizeLimit
@@ -64,6 +65,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             settings,
             settings.ingest_reply_group,
             resume_window_s=settings.ingest_max_timeout_ms / 1000,
+            partition_slice_ms=settings.ingest_partition_slice_ms,
         )
         producer.start(loop)
         replies.start(loop)
@@ -77,7 +79,12 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             max_timeout_ms=settings.ingest_max_timeout_ms,
             max_in_flight=settings.ingest_max_in_flight,
             idempotency_ttl_s=settings.ingest_idempotency_ttl_s,
+            request_partitions=await loop.run_in_executor(None, producer.partitions, REQUESTS.name),
+            partition_slice_ms=settings.ingest_partition_slice_ms,
         )
+        # Collections of the young generation were the gateway's latency tail: p99 at 16
+        # connections 71-96 ms without this, 33-37 ms with it (gateway bench, 2-core VM).
+        tune_garbage_collector()
         try:
             yield
         finally:

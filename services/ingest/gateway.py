@@ -5,11 +5,17 @@ A prediction request is produced to `sluice.requests` (key = entity id) with hea
 `request_id`, `deadline_ms` and `reply_partition`; the answer is the live prediction that the
 inference consumer produces to that partition of `sluice.predictions`, which only this gateway
 instance reads (`replies.py`).
+
+Requests are not placed by their key: the partitions of `sluice.requests` take turns in short time
+slices (`sticky_partition`), and so do this instance's reply partitions, so that requests sent
+together travel in one produce batch each way instead of one batch per partition. Nothing on the
+synchronous path depends on which partition a request takes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -20,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from schemas.topics import REQUESTS
 from services.common.codec import encode_obj
+from services.common.kafka import sticky_partition
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.inference.client import list_models
 from services.ingest.producer import AsyncProducer, DeliveryError
@@ -118,6 +125,8 @@ class Gateway:
         max_timeout_ms: int,
         max_in_flight: int,
         idempotency_ttl_s: float,
+        request_partitions: list[int],
+        partition_slice_ms: int,
         requests_topic: str = REQUESTS.name,
     ) -> None:
         self.producer = producer
@@ -128,6 +137,10 @@ class Gateway:
         self.max_in_flight = max_in_flight
         self.idempotency_ttl_s = idempotency_ttl_s
         self.requests_topic = requests_topic
+        self.request_partitions = request_partitions
+        """Partitions of the requests topic, learnt at start; [] = place requests by key."""
+        self.partition_slice_ms = partition_slice_ms
+        self._salt = random.randrange(1 << 16)
         self.in_flight = 0
         self._recent: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self.metrics = _Metrics()
@@ -198,10 +211,14 @@ class Gateway:
             headers = {
                 "request_id": request_id,
                 "deadline_ms": str(now_ms + timeout_ms),
-                "reply_partition": str(self.replies.next_partition()),
+                "reply_partition": str(self.replies.reply_partition(now_ms)),
             }
             ack = self.producer.produce_nowait(
-                self.requests_topic, encode_obj(body), key=item.entity_id, headers=headers
+                self.requests_topic,
+                encode_obj(body),
+                key=item.entity_id,
+                headers=headers,
+                partition=self._request_partition(now_ms),
             )
         else:
             ack = None
@@ -229,6 +246,13 @@ class Gateway:
         self.metrics.requests.labels("error" if "error" in result else "ok").inc()
         self._remember(request_id, result)
         return result
+
+    def _request_partition(self, now_ms: int) -> int:
+        if not self.request_partitions:
+            return -1  # partitions unknown: the producer places the request by its key
+        return sticky_partition(
+            self.request_partitions, now_ms, self.partition_slice_ms, self._salt
+        )
 
     def _result(self, prediction: dict, started: float) -> dict:
         error = prediction.get("error")

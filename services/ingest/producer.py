@@ -91,8 +91,10 @@ class AsyncProducer:
         value: bytes,
         key: str | bytes | None = None,
         headers: dict[str, str | bytes] | None = None,
+        partition: int = -1,
     ) -> asyncio.Future[None]:
-        """Queue one message; the returned future completes when the broker acknowledged it."""
+        """Queue one message (to `partition`, or by key when -1); the returned future completes
+        when the broker acknowledged it."""
         assert self._loop is not None, "start() the producer first"
         loop = self._loop
         future: asyncio.Future[None] = loop.create_future()
@@ -103,7 +105,14 @@ class AsyncProducer:
         while True:
             producer = self.producer
             try:
-                producer.produce(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+                producer.produce(
+                    topic,
+                    value,
+                    key=key,
+                    headers=headers,
+                    partition=partition,
+                    on_delivery=on_delivery,
+                )
                 if producer is not self.producer:  # replaced meanwhile: may never be polled again
                     _settle(future, KafkaError(KafkaError._PURGE_QUEUE))
                 return future
@@ -112,6 +121,18 @@ class AsyncProducer:
             except KafkaException as exc:
                 future.set_exception(DeliveryError(exc.args[0]))
                 return future
+
+    def partitions(self, topic: str, timeout_s: float = 5.0) -> list[int]:
+        """The partitions of `topic` from the broker's metadata; [] when it does not answer in
+        time or does not know the topic (blocking: run it in an executor)."""
+        try:
+            metadata = self.producer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        except KafkaException as exc:
+            log.warning("topic metadata unavailable", extra={"topic": topic, "error": str(exc)})
+            return []
+        if metadata is None or metadata.error is not None:
+            return []
+        return sorted(metadata.partitions)
 
     async def produce(self, topic: str, value: bytes, key=None, headers=None) -> None:
         """Produce one message and wait for the broker's acknowledgement."""

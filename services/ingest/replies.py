@@ -15,7 +15,7 @@ within `resume_window_s` (the longest deadline a caller may set) is read on from
 had reached, so replies produced during the rebalance still complete their requests; a
 partition moved to another instance leaves its waiters to end at their deadline (504, the
 prediction still logged). Any other partition starts at its log end as of the assignment. Both
-are explicit offsets set before the partition joins the round robin of reply partitions, so no
+are explicit offsets set before the partition becomes one a request may name, so no
 reply can land before the position is known. The consumer never commits: replies are only
 useful to the instance that is waiting for them.
 """
@@ -23,8 +23,8 @@ useful to the instance that is waiting for them.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import random
 import threading
 import time
 
@@ -33,7 +33,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 from schemas.messages import Prediction
 from schemas.topics import PREDICTIONS
 from services.common.codec import DecodeError, decode
-from services.common.kafka import DeadLetters, consumer_config
+from services.common.kafka import DeadLetters, consumer_config, sticky_partition
 from services.common.settings import SluiceSettings
 from services.common.worker import collect_batch
 
@@ -49,6 +49,7 @@ class ReplyListener:
         group_id: str,
         topic: str = PREDICTIONS.name,
         resume_window_s: float = 30.0,
+        partition_slice_ms: int = 20,
     ):
         self.topic = topic
         self.resume_window_s = resume_window_s
@@ -57,7 +58,8 @@ class ReplyListener:
         self._revoked_at: dict[int, float] = {}
         self.pending: dict[str, asyncio.Future[dict]] = {}
         self.partitions: list[int] = []
-        self._cycle = itertools.cycle([])
+        self.partition_slice_ms = partition_slice_ms
+        self._salt = random.randrange(1 << 16)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self.max_message_bytes = settings.kafka_max_message_bytes
@@ -85,9 +87,11 @@ class ReplyListener:
         """True once the group gave this instance at least one reply partition."""
         return bool(self.partitions)
 
-    def next_partition(self) -> int:
-        """A reply partition for the next request (round robin over ours)."""
-        return next(self._cycle)
+    def reply_partition(self, now_ms: int) -> int:
+        """The reply partition for a request sent at `now_ms`: ours take turns in time slices
+        (`sticky_partition`), so the replies to requests sent together share a partition and
+        leave the inference consumer in one produce batch rather than one per partition."""
+        return sticky_partition(self.partitions, now_ms, self.partition_slice_ms, self._salt)
 
     def expect(self, request_id: str) -> asyncio.Future[dict]:
         """Register interest in a request's reply before producing the request."""
@@ -102,7 +106,7 @@ class ReplyListener:
 
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         """Start every assigned partition at an explicit offset before any request can name it
-        as its reply partition (they are added to the round robin only here): a position the
+        as its reply partition (they become reply partitions only here): a position the
         client resolved lazily could land after a reply that was already produced."""
         numbers = [tp.partition for tp in partitions]
         starts = start_offsets(
@@ -118,7 +122,6 @@ class ReplyListener:
                 tp.offset = starts[tp.partition]
         consumer.assign(partitions)
         self.partitions = sorted({*self.partitions, *numbers})
-        self._cycle = itertools.cycle(self.partitions)
         log.info(
             "reply partitions assigned",
             extra={"partitions": self.partitions, "starts": starts},
@@ -142,7 +145,6 @@ class ReplyListener:
         now = time.monotonic()
         self._revoked_at.update(dict.fromkeys(revoked, now))
         self.partitions = [p for p in self.partitions if p not in revoked]
-        self._cycle = itertools.cycle(self.partitions)
 
     def _loop_forever(self) -> None:
         while not self._stop.is_set():

@@ -27,6 +27,14 @@ class IngestSettings(SluiceSettings):
     ingest_max_batch_items: int = Field(
         10_000, ge=1, description="Most entities in predict:batch, rows in infer, lines posted."
     )
+    ingest_partition_slice_ms: int = Field(
+        20,
+        ge=1,
+        description="Synchronous requests, and their replies, go to one partition per time slice "
+        "of this length, partitions taking turns (sticky partitioning, as Kafka's KIP-480 does "
+        "for keyless records), so requests sent together share produce batches. The request's "
+        "key stays the entity id.",
+    )
     ingest_reply_group: str = Field(
         "sluice-gateway",
         description="Consumer group of the gateways on sluice.predictions: each instance is "
