@@ -432,7 +432,7 @@ def test_the_gateway_reply_listener_dead_letters_a_bad_awaited_reply_and_goes_on
             listener.close()
 
     answered = asyncio.run(scenario())
-    assert answered["request_id"] == request_id and answered["score"] == 0.5
+    assert answered.request_id == request_id and answered.score == 0.5
 
     def listeners(letters: list[DeadLetter]) -> set[tuple[str, str]]:
         # the monitor's predictions sink, if running, dead-letters the same records as well

@@ -264,12 +264,15 @@ def test_bad_requests_get_clear_4xx_errors(stack):
     assert invalid.status_code == 422
     locs = {d["loc"] for d in invalid.json()["error"]["details"]}
     assert "body.entity_id" in locs
-    missing = httpx.post(
-        f"{url}/v1/models/{model}/predict?timeout_ms=5000",
-        json=body(1, entity_id="gw-card-unknown"),
-        timeout=10,
+    missing_once = body(1, entity_id="gw-card-unknown", request_id=f"bad-{uuid.uuid4().hex}")
+    missing, repeated = (
+        httpx.post(
+            f"{url}/v1/models/{model}/predict?timeout_ms=5000", json=missing_once, timeout=10
+        )
+        for _ in range(2)
     )
     assert missing.status_code == 422 and missing.json()["error"]["code"] == "missing_feature"
+    assert (repeated.status_code, repeated.json()) == (422, missing.json()), "idempotent repeat"
     huge = httpx.post(f"{url}/v1/events", content=b"x" * (9 * 1024 * 1024))
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     bad_timeout = httpx.post(f"{url}/v1/models/{model}/predict?timeout_ms=-5", json=body(1))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from schemas.messages import Prediction
 from schemas.topics import REQUESTS
 from services.common.codec import encode_obj
 from services.common.kafka import sticky_partition
@@ -254,31 +255,30 @@ class Gateway:
             self.request_partitions, now_ms, self.partition_slice_ms, self._salt
         )
 
-    def _result(self, prediction: dict, started: float) -> dict:
-        error = prediction.get("error")
-        if error:
-            status = ERROR_STATUS.get(error.get("code"), 500)
+    def _result(self, prediction: Prediction, started: float) -> dict:
+        error = prediction.error
+        if error is not None:
             return {
-                "request_id": prediction["request_id"],
-                "model": prediction["model"],
-                "version": prediction.get("version"),
-                "status": status,
-                "error": error,
+                "request_id": prediction.request_id,
+                "model": prediction.model,
+                "version": prediction.version,
+                "status": ERROR_STATUS.get(error.code, 500),
+                "error": error.model_dump(mode="json"),
             }
-        latency = prediction.get("latency") or {}
+        latency = prediction.latency
         return {
-            "request_id": prediction["request_id"],
-            "model": prediction["model"],
-            "version": prediction["version"],
-            "route": prediction["route"],
-            "score": prediction.get("score"),
-            "outputs": prediction.get("outputs", {}),
-            "defaulted": prediction.get("defaulted", []),
+            "request_id": prediction.request_id,
+            "model": prediction.model,
+            "version": prediction.version,
+            "route": prediction.route.value,
+            "score": prediction.score,
+            "outputs": prediction.outputs,
+            "defaulted": prediction.defaulted,
             "latency_ms": {
                 "server": round((time.perf_counter() - started) * 1000, 3),
-                "queue": latency.get("queue_ms"),
-                "features": latency.get("features_ms"),
-                "model": latency.get("model_ms"),
+                "queue": latency.queue_ms,
+                "features": latency.features_ms,
+                "model": latency.model_ms,
             },
         }
 
@@ -304,8 +304,8 @@ class Gateway:
 
 
 async def _reply_or_failure(
-    reply: asyncio.Future[dict], ack: asyncio.Future[None] | None, deadline: float
-) -> dict:
+    reply: asyncio.Future[Prediction], ack: asyncio.Future[None] | None, deadline: float
+) -> Prediction:
     """The reply, without waiting for the request's acknowledgement first (a reply proves
     delivery); raises DeliveryError if the broker refused the request, TimeoutError at the
     deadline. Neither future is cancelled: others may wait on the same reply."""

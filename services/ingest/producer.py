@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -48,6 +49,8 @@ class AsyncProducer:
         self.replaced = 0
         self._last_progress = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._settled: deque[tuple[asyncio.Future[None], KafkaError | None]] = deque()
+        """Delivery reports not yet handed to the event loop (any polling thread appends)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
 
@@ -60,6 +63,7 @@ class AsyncProducer:
         self.producer.flush(timeout_s)
         self._stop.set()
         self._thread.join(5)
+        self._hand_over()  # reports the flush collected after the thread's last hand-over
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -69,10 +73,19 @@ class AsyncProducer:
             except KafkaException as exc:  # fatal, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER
                 self._replace(producer, f"fatal producer error: {exc.args[0].str()}")
                 continue
+            self._hand_over()
             if served > 0 or len(producer) == 0:
                 self._last_progress = time.monotonic()
             elif time.monotonic() - self._last_progress > self.stall_s:
                 self._replace(producer, f"nothing acknowledged for {self.stall_s} s")
+
+    def _hand_over(self) -> None:
+        """Settle the reports collected so far on the event loop, in one thread-safe call."""
+        reports = []
+        while self._settled:
+            reports.append(self._settled.popleft())
+        if reports and self._loop is not None:
+            self._loop.call_soon_threadsafe(_settle_all, reports)
 
     def _replace(self, broken: Producer, reason: str) -> None:
         log.warning("replacing the producer", extra={"reason": reason, "queued": len(broken)})
@@ -100,7 +113,7 @@ class AsyncProducer:
         future: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(error: KafkaError | None, _message) -> None:
-            loop.call_soon_threadsafe(_settle, future, error)
+            self._settled.append((future, error))
 
         while True:
             producer = self.producer
@@ -137,6 +150,11 @@ class AsyncProducer:
     async def produce(self, topic: str, value: bytes, key=None, headers=None) -> None:
         """Produce one message and wait for the broker's acknowledgement."""
         await self.produce_nowait(topic, value, key, headers)
+
+
+def _settle_all(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for future, error in reports:
+        _settle(future, error)
 
 
 def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:

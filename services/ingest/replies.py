@@ -56,7 +56,7 @@ class ReplyListener:
         self._next_offsets: dict[int, int] = {}
         """Per partition, the offset after the last record read (listener thread only)."""
         self._revoked_at: dict[int, float] = {}
-        self.pending: dict[str, asyncio.Future[dict]] = {}
+        self.pending: dict[str, asyncio.Future[Prediction]] = {}
         self.partitions: list[int] = []
         self.partition_slice_ms = partition_slice_ms
         self._salt = random.randrange(1 << 16)
@@ -93,7 +93,7 @@ class ReplyListener:
         leave the inference consumer in one produce batch rather than one per partition."""
         return sticky_partition(self.partitions, now_ms, self.partition_slice_ms, self._salt)
 
-    def expect(self, request_id: str) -> asyncio.Future[dict]:
+    def expect(self, request_id: str) -> asyncio.Future[Prediction]:
         """Register interest in a request's reply before producing the request."""
         future = self.pending.get(request_id)
         if future is None:
@@ -161,7 +161,7 @@ class ReplyListener:
             if replies and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._complete, replies)
 
-    def _awaited_reply(self, message) -> tuple[str, dict] | None:
+    def _awaited_reply(self, message) -> tuple[str, Prediction] | None:
         """(request id, prediction) if someone here waits for `message`; a bad awaited reply
         is dead-lettered. Headers are anyone's bytes: nothing in them may stop this thread."""
         headers = dict(message.headers() or ())
@@ -173,9 +173,9 @@ class ReplyListener:
         except DecodeError as exc:
             self.dead_letters.send(message, exc.body)
             return None
-        return request_id, reply.model_dump(mode="json")
+        return request_id, reply
 
-    def _complete(self, replies: list[tuple[str, dict]]) -> None:
+    def _complete(self, replies: list[tuple[str, Prediction]]) -> None:
         for request_id, body in replies:
             future = self.pending.pop(request_id, None)
             if future is not None and not future.done():
