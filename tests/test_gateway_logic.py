@@ -151,3 +151,21 @@ def test_sticky_partitions_hold_for_a_slice_and_take_turns():
     assert turns == [1, 4, 6, 1, 4, 6], "then each partition in turn, one slice each"
     assert [sticky_partition(partitions, ms, 20, salt=2) for ms in (0, 20)] == [6, 1]
     assert sticky_partition([3], 123_456, 7, salt=99) == 3
+
+
+def test_openapi_states_the_api_key_schemes_on_exactly_the_guarded_operations():
+    from services.ingest.app import create_app
+
+    document = create_app().openapi()
+    assert set(document["components"]["securitySchemes"]) == {"apiKey", "bearer"}
+    secured = {
+        (method, path)
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if "security" in operation
+    }
+    assert ("post", "/v1/models/{model}/predict") in secured
+    assert ("post", "/v2/models/{model}/versions/{version}/infer") in secured
+    assert ("post", "/v1/labels") in secured
+    assert not {p for _, p in secured} & {"/healthz", "/readyz", "/v2/health/live"}
+    assert len(secured) == 10, "the 4 /v1 routes and the 6 /v2 model routes"

@@ -180,9 +180,12 @@ class Gateway:
         self.in_flight += len(items)
         self.metrics.in_flight.set(self.in_flight)
         try:
-            results = await asyncio.gather(
-                *(self._predict_one(model, item, timeout_ms, started) for item in items)
-            )
+            if len(items) == 1:  # the common case, without gather's task per item
+                results = [await self._predict_one(model, items[0], timeout_ms, started)]
+            else:
+                results = await asyncio.gather(
+                    *(self._predict_one(model, item, timeout_ms, started) for item in items)
+                )
         finally:
             self.in_flight -= len(items)
             self.metrics.in_flight.set(self.in_flight)

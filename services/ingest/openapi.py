@@ -1,11 +1,22 @@
-"""OpenAPI request bodies for routes that read their body themselves (capture's JSON or NDJSON,
-the Open Inference Protocol's infer), so that clients and schemathesis see what they accept."""
+"""OpenAPI for what routes read themselves: request bodies (capture's JSON or NDJSON, the Open
+Inference Protocol's infer, predict) and the API-key headers, so that clients and schemathesis
+see what the gateway accepts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.routing import BaseRoute
+
+API_KEY_SCHEMES = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "bearer": {"type": "http", "scheme": "bearer"},
+}
+"""The two ways a request presents its key (docs/security.md)."""
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -50,3 +61,30 @@ def capture_body(model: type[BaseModel]) -> dict[str, Any]:
             },
         }
     }
+
+
+def document_api_keys(
+    app: FastAPI, guards: set[Callable[..., Any]], routes: Sequence[BaseRoute]
+) -> None:
+    """State the API-key schemes in `app`'s OpenAPI document, on each operation of `routes`
+    (the app's own and its routers') that depends on one of `guards` (dependencies that read
+    the key headers themselves)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = API_KEY_SCHEMES
+        for route in routes:
+            if not isinstance(route, APIRoute):
+                continue
+            if not any(d.call in guards for d in route.dependant.dependencies):
+                continue
+            for method in route.methods:
+                operation = schema["paths"].get(route.path_format, {}).get(method.lower())
+                if operation is not None:
+                    operation["security"] = [{name: []} for name in API_KEY_SCHEMES]
+        return schema
+
+    app.openapi = openapi
