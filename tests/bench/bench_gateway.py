@@ -25,7 +25,7 @@ from tests.bench.harness import BenchContext, BenchTable
 from tests.helpers.models import write_version
 from tests.support import unique
 
-LEVELS = (4, 16, 64)
+LEVELS = (4, 16, 32, 64)
 P99_BUDGET_MS = 50.0
 
 WRK_SCRIPT = """
