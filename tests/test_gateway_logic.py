@@ -169,3 +169,22 @@ def test_openapi_states_the_api_key_schemes_on_exactly_the_guarded_operations():
     assert ("post", "/v1/labels") in secured
     assert not {p for _, p in secured} & {"/healthz", "/readyz", "/v2/health/live"}
     assert len(secured) == 10, "the 4 /v1 routes and the 6 /v2 model routes"
+
+
+def test_generated_request_ids_are_32_hex_digits_distinct_and_not_repeated_by_a_forked_child():
+    import os
+    import re
+
+    from services.ingest.gateway import new_request_id
+
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child writes its next id and leaves at once
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 64).decode()
+    assert from_child not in {*ids, new_request_id()}, "a fork must not repeat the parent's ids"

@@ -13,7 +13,6 @@ exactly the tensor it was given. Outputs are the model's own tensors, concatenat
 
 from __future__ import annotations
 
-import uuid
 from itertools import chain
 from typing import Any
 
@@ -22,7 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
 from services.inference.client import RegistryError, TensorSpec, load_manifest, tensor_specs
-from services.ingest.gateway import Gateway, GatewayError, PredictItem
+from services.ingest.gateway import Gateway, GatewayError, PredictItem, new_request_id
 from services.ingest.openapi import json_body
 from services.ingest.responses import JSONBody
 
@@ -224,7 +223,7 @@ def router(require_predict) -> APIRouter:
             limit = request.app.state.settings.ingest_max_batch_items
             if len(rows) > limit:
                 raise OipError(413, f"{len(rows)} rows; at most {limit} per request")
-            request_id = body.id or uuid.uuid4().hex
+            request_id = body.id or new_request_id()
             items = [
                 PredictItem(f"{request_id}/{i}", row, f"{request_id}/{i}", version)
                 for i, row in enumerate(rows)
