@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.messages import Event
-from services.common.apikeys import authorize, hash_key, parse_keys
+from services.common.apikeys import authorize, hash_key, parse_keys, presented_key
 from services.common.kafka import sticky_partition
 from services.inference.client import TensorSpec
 from services.ingest.capture import split_items, validate_items
@@ -23,6 +23,14 @@ def test_keys_are_configured_as_hashes_and_checked_by_role():
     assert authorize(keys, None, "predict")[0] == 401
     assert authorize(keys, "nope", "predict") == (401, "unknown API key")
     assert authorize([], None, "admin") is None, "no keys configured: open (local dev)"
+
+
+def test_the_presented_key_is_the_bearer_token_else_the_x_api_key_header():
+    assert presented_key("Bearer  s1 ", "s2") == "s1", "bearer wins, trimmed"
+    assert presented_key("bearer s1", None) == "s1"
+    assert presented_key("Basic czE=", "s2") == "s2", "another scheme is not a key"
+    assert presented_key(None, "s2") == "s2"
+    assert presented_key(None, None) is None
 
 
 @pytest.mark.parametrize("entry", ["a:short:predict", "a:" + "0" * 64 + ":root", "only-name"])

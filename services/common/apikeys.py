@@ -49,6 +49,14 @@ def parse_keys(setting: str) -> list[ApiKey]:
     return keys
 
 
+def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key a request presents: `Authorization: Bearer <key>`, else `X-API-Key: <key>` (the
+    two header values as received; every API of Sluiceway reads keys this way)."""
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return x_api_key
+
+
 def authorize(keys: list[ApiKey], presented: str | None, role: str) -> tuple[int, str] | None:
     """None if the call may proceed, else (HTTP status, reason): 401 unknown, 403 wrong role."""
     if not keys:

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 from redis import Redis, RedisError
 
+from services.common.apikeys import presented_key
 from services.features.client import UnknownFeature, read_online
 from services.features.definitions import FeatureRegistry
 
@@ -78,10 +79,7 @@ def create_api(
         ) -> None:
             if authorize is None:
                 return
-            presented = x_api_key
-            if authorization and authorization.lower().startswith("bearer "):
-                presented = authorization[7:].strip()
-            denied = authorize(presented, name)
+            denied = authorize(presented_key(authorization, x_api_key), name)
             if denied is not None:
                 code = "unauthorized" if denied[0] == 401 else "forbidden"
                 raise ApiError(denied[0], code, denied[1])

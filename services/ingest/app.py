@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from schemas.messages import Event, Label, Scalar
 from schemas.topics import EVENTS, LABELS, REQUESTS
-from services.common.apikeys import authorize, parse_keys
+from services.common.apikeys import authorize, parse_keys, presented_key
 from services.common.worker import tune_garbage_collector
 from services.ingest.capture import capture
 from services.ingest.gateway import Gateway, GatewayError, ModelCatalog, PredictItem
@@ -154,10 +154,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             if not keys:
                 return
             headers = request.headers
-            presented = headers.get("x-api-key")
-            authorization = headers.get("authorization")
-            if authorization and authorization.lower().startswith("bearer "):
-                presented = authorization[7:].strip()
+            presented = presented_key(headers.get("authorization"), headers.get("x-api-key"))
             denied = authorize(keys, presented, name)
             if denied is not None:
                 code = "unauthorized" if denied[0] == 401 else "forbidden"

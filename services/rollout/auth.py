@@ -25,6 +25,8 @@ from typing import Literal
 from fastapi import Request
 from pydantic import SecretStr
 
+from services.common.apikeys import presented_key
+
 Role = Literal["admin", "viewer"]
 
 HASHED_ENTRY = re.compile(r"sha256:([0-9a-fA-F]{64})")
@@ -94,10 +96,8 @@ class ApiKeys:
         async def check(request: Request) -> None:
             if not self.enabled:
                 return
-            presented = request.headers.get("x-api-key")
-            authorization = request.headers.get("authorization", "")
-            if presented is None and authorization.lower().startswith("bearer "):
-                presented = authorization[7:].strip()
+            headers = request.headers
+            presented = presented_key(headers.get("authorization"), headers.get("x-api-key"))
             if not presented:
                 raise AuthError(401, "unauthorized", "an API key is required")
             found = self.role_of(presented)
