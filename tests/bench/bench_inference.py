@@ -31,6 +31,7 @@ from redis import Redis
 
 from services.common.kafka import sticky_partition
 from services.features.client import write_features
+from services.ingest.settings import IngestSettings
 from tests.bench.harness import BenchContext, BenchTable
 from tests.helpers.models import CARD_FEATURES, MERCHANT_FEATURES, write_version
 from tests.support import create_topic, unique
@@ -54,7 +55,7 @@ POLICIES = [
 
 
 PARTITIONS = range(8)
-GATEWAY_SLICE_MS = 20
+GATEWAY_SLICE_MS: int = IngestSettings.model_fields["ingest_partition_slice_ms"].default
 """The gateway's default `SLUICE_INGEST_PARTITION_SLICE_MS`."""
 
 
