@@ -102,7 +102,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        producer = AsyncProducer(settings)
+        producer = AsyncProducer(settings, **{"linger.ms": settings.ingest_linger_ms})
         replies = ReplyListener(
             settings,
             settings.ingest_reply_group,

@@ -42,7 +42,7 @@ class AsyncProducer:
     """
 
     def __init__(self, settings: SluiceSettings, stall_s: float = 10.0, **overrides: Any) -> None:
-        self._config = {"linger.ms": 1, **overrides}
+        self._config = overrides
         self._settings = settings
         self.producer: Producer = make_producer(settings, **self._config)
         self.stall_s = stall_s

@@ -126,7 +126,6 @@ def run(ctx: BenchContext) -> list[BenchTable]:
         **ctx.cluster.env(),
         "SLUICE_MODEL_REPOSITORY": str(root),
         "SLUICE_LOG_LEVEL": "WARNING",
-        "SLUICE_KAFKA_FETCH_WAIT_MAX_MS": "1",
     }
 
     gateway_port, metrics_port = _free_port(), _free_port()
