@@ -216,6 +216,31 @@ def test_bad_requests_get_error_predictions_and_the_consumer_keeps_going(cluster
     assert letter.source_topic == REQUESTS.name and letter.error.code == "malformed_json"
 
 
+def test_predictions_nobody_waits_for_take_turns_on_partitions_keeping_their_key(cluster, serving):
+    """Asynchronous predictions are placed sticky (one partition per time slice, in turn) so a
+    batch's predictions share a record batch; the key stays the entity id."""
+    model, _root, _table = serving
+    tag = uuid.uuid4().hex[:6]
+    requests = [request(model, i, request_id=f"async-{tag}-{i}") for i in range(2_000)]
+    produce_all(
+        cluster.kafka_bootstrap, REQUESTS.name, ((r.entity_id, encode(r)) for r in requests)
+    )
+    wanted = {r.request_id: r.entity_id for r in requests}
+    messages = read_topic(
+        cluster.kafka_bootstrap,
+        PREDICTIONS.name,
+        lambda ms: sum(body_of(m).get("request_id") in wanted for m in ms) >= len(wanted),
+        60,
+    )
+    mine = [m for m in messages if body_of(m).get("request_id") in wanted]
+    assert len(mine) == len(wanted)
+    assert all(m.key().decode() == wanted[body_of(m)["request_id"]] for m in mine)
+    slice_ms = InferenceSettings.model_fields["inference_partition_slice_ms"].default
+    partitions = PREDICTIONS.partitions
+    turns = {(m.partition() - body_of(m)["scored_at_ms"] // slice_ms) % partitions for m in mine}
+    assert len(turns) == 1, "each slice's partition follows from its scoring time"
+
+
 def test_shadow_copies_are_scored_off_the_reply_path_after_a_routing_change(cluster, serving):
     model, _root, _table = serving
     table = RoutingTable(

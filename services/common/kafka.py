@@ -80,6 +80,19 @@ def consumer_config(settings: SluiceSettings, group_id: str, **overrides: Any) -
     }
 
 
+def topic_partitions(client: Producer, topic: str, timeout_s: float = 5.0) -> list[int]:
+    """The partitions of `topic` from the broker's metadata, through any client's
+    `list_topics`; [] when the broker does not answer in time or does not know the topic."""
+    try:
+        metadata = client.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    except KafkaException as exc:
+        log.warning("topic metadata unavailable", extra={"topic": topic, "error": str(exc)})
+        return []
+    if metadata is None or metadata.error is not None:
+        return []
+    return sorted(metadata.partitions)
+
+
 def sticky_partition(partitions: Sequence[int], now_ms: int, slice_ms: int, salt: int = 0) -> int:
     """The partition for a message sent at `now_ms` when partitions take turns in time slices of
     `slice_ms`, starting at `salt` (random per producer, so producers do not move in step).

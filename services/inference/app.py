@@ -8,6 +8,7 @@ import logging
 from redis import Redis
 
 from schemas.messages import PredictionRequest
+from services.common.kafka import topic_partitions
 from services.common.logging import configure_logging
 from services.common.metrics import serve_health
 from services.common.worker import FixedBatch, KafkaWorker, tune_garbage_collector
@@ -50,6 +51,9 @@ def build(settings: InferenceSettings) -> tuple[KafkaWorker, InferenceService, C
         handler=service,
         batch_policy=policy,
         consumer_overrides={"fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms},
+    )
+    service.prediction_partitions = topic_partitions(
+        worker.producer, settings.inference_predictions_topic
     )
     return worker, service, control
 

@@ -9,6 +9,7 @@ Loaded versions and routing tables are swapped as whole dictionaries by the cont
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from redis.exceptions import RedisError
 
 from schemas.messages import ErrorBody, PredictionRequest, Route, RoutingTable
 from services.common.codec import encode_obj
+from services.common.kafka import sticky_partition
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.common.worker import Output, Record
 from services.features.client import read_snapshots
@@ -110,6 +112,9 @@ class InferenceService:
         self.tables: dict[str, RoutingTable] = {}
         self.metrics = _Metrics()
         self._store_error_logged_at = float("-inf")
+        self.prediction_partitions: list[int] = []
+        """Partitions of the predictions topic, learnt at start; [] = place by key."""
+        self._salt = random.randrange(1 << 16)
 
     # -- state changes (control thread) -------------------------------------------------------
 
@@ -327,6 +332,15 @@ class InferenceService:
                 partition = int(reply)
             except ValueError:
                 log.warning("bad reply_partition header", extra={"value": repr(reply)})
+        if partition is None and self.prediction_partitions:
+            # Nobody waits on this one: sticky, so a batch's such predictions share one record
+            # batch (the local broker re-lists a partition's batches on each fetch with news).
+            partition = sticky_partition(
+                self.prediction_partitions,
+                int(scored_ms),
+                self.settings.inference_partition_slice_ms,
+                self._salt,
+            )
         return Output(
             topic=self.settings.inference_predictions_topic,
             value=encode_obj(body),

@@ -18,6 +18,14 @@ class InferenceSettings(SluiceSettings):
     inference_predictions_topic: str = Field(
         "sluice.predictions", description="Topic predictions are written to."
     )
+    inference_partition_slice_ms: int = Field(
+        20,
+        ge=1,
+        description="Predictions that answer no gateway (asynchronous requests, shadow copies) "
+        "go to one partition of the predictions topic per time slice of this length, "
+        "partitions taking turns, as the gateway places synchronous requests: one record batch "
+        "per produce instead of one per partition. Their key stays the entity id.",
+    )
     inference_group_id: str = Field(
         "sluice-inference", description="Consumer group of the request consumers."
     )

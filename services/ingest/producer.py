@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from services.common.kafka import make_producer
+from services.common.kafka import make_producer, topic_partitions
 from services.common.settings import SluiceSettings
 
 log = logging.getLogger(__name__)
@@ -138,14 +138,7 @@ class AsyncProducer:
     def partitions(self, topic: str, timeout_s: float = 5.0) -> list[int]:
         """The partitions of `topic` from the broker's metadata; [] when it does not answer in
         time or does not know the topic (blocking: run it in an executor)."""
-        try:
-            metadata = self.producer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        except KafkaException as exc:
-            log.warning("topic metadata unavailable", extra={"topic": topic, "error": str(exc)})
-            return []
-        if metadata is None or metadata.error is not None:
-            return []
-        return sorted(metadata.partitions)
+        return topic_partitions(self.producer, topic, timeout_s)
 
     async def produce(self, topic: str, value: bytes, key=None, headers=None) -> None:
         """Produce one message and wait for the broker's acknowledgement."""
