@@ -25,7 +25,7 @@ from schemas.topics import DLQ, PREDICTIONS, REQUESTS, ROUTING
 from services.common.codec import decode, encode
 from services.common.routing import route_for
 from services.features.client import write_features
-from services.inference.app import build
+from services.inference.app import build, learn_partitions
 from services.inference.settings import InferenceSettings
 from tests.helpers.models import CARD_FEATURES, FEATURES, MERCHANT_FEATURES, write_version
 from tests.support import body_of, json_bodies, produce_all, read_topic, unique
@@ -80,6 +80,8 @@ def serving(cluster, online_store, tmp_path_factory):
         metrics_port=0,
     )
     worker, service, control = build(settings)
+    learn_partitions(worker, service)
+    assert service.prediction_partitions == list(range(PREDICTIONS.partitions))
     assert service.load_repository(root) == 2
     control.start()
     assert control.caught_up.wait(30)

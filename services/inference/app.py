@@ -52,10 +52,15 @@ def build(settings: InferenceSettings) -> tuple[KafkaWorker, InferenceService, C
         batch_policy=policy,
         consumer_overrides={"fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms},
     )
-    service.prediction_partitions = topic_partitions(
-        worker.producer, settings.inference_predictions_topic
-    )
     return worker, service, control
+
+
+def learn_partitions(worker: KafkaWorker, service: InferenceService) -> None:
+    """Tell the service the partitions of the predictions topic, for the predictions that
+    answer no gateway (`InferenceService.prediction_partitions`); blocks up to 5 s on the
+    broker's metadata and leaves them placed by key when it does not answer."""
+    topic = service.settings.inference_predictions_topic
+    service.prediction_partitions = topic_partitions(worker.producer, topic)
 
 
 def main() -> None:
@@ -63,6 +68,7 @@ def main() -> None:
     settings = InferenceSettings()
     configure_logging("inference", settings.log_level, settings.log_format)
     worker, service, control = build(settings)
+    learn_partitions(worker, service)
     loaded = service.load_repository(settings.model_repository)
     log.info("repository loaded", extra={"versions": loaded})
     control.start()
