@@ -187,3 +187,80 @@ def test_bad_messages_go_to_the_dlq_and_the_partition_keeps_flowing(cluster):
 
 def encode_dict(event: Event) -> dict:
     return event.model_dump(mode="json")
+
+
+def _relay_worker(bootstrap: str, source: str, sink: str, group: str, batch: int) -> KafkaWorker:
+    return KafkaWorker(
+        SluiceSettings(kafka_bootstrap=bootstrap),
+        service="test_relay",
+        group_id=group,
+        topics=[source],
+        handler=relay_to(sink),
+        decoders={source: Event},
+        batch_policy=FixedBatch(max_messages=batch, max_wait_s=0.2),
+    )
+
+
+def _poll_until_handled(worker: KafkaWorker, timeout_s: float = 60) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if handled := worker.poll_once():
+            return handled
+    raise TimeoutError("the worker consumed nothing")
+
+
+def test_the_batch_left_in_flight_is_acknowledged_and_committed_on_close(cluster):
+    """`poll_once` returns with its batch's outputs in flight (the next poll finishes them);
+    closing right after must still deliver them and commit the batch."""
+    bootstrap = cluster.kafka_bootstrap
+    source = create_topic(bootstrap, unique("test.in"), 1)
+    sink = create_topic(bootstrap, unique("test.out"), 1)
+    ends = produce_all(bootstrap, source, ((b"k", encode(make_event(i))) for i in range(50)))
+    group = unique("group")
+    worker = _relay_worker(bootstrap, source, sink, group, batch=1000)
+    handled = 0
+    try:
+        while handled < 50:
+            handled += _poll_until_handled(worker)
+    finally:
+        worker.close()
+    outputs = read_topic(bootstrap, sink, lambda ms: len(ms) >= 50, timeout_s=30)
+    assert ids_of(outputs) == [f"e{i}" for i in range(50)]
+    assert committed_offsets(bootstrap, group, source, 1) == ends
+
+
+def test_a_rebalance_commits_the_batch_in_flight_before_its_partitions_move(cluster):
+    """A member that loses partitions while a batch is in flight finishes and commits that
+    batch first, so the partitions' new owner does not replay it."""
+    bootstrap = cluster.kafka_bootstrap
+    source = create_topic(bootstrap, unique("test.in"), 4)
+    sink = create_topic(bootstrap, unique("test.out"), 4)
+    total = 400
+    produce_all(bootstrap, source, ((f"k{i}", encode(make_event(i))) for i in range(total)))
+    group = unique("group")
+    first = _relay_worker(bootstrap, source, sink, group, batch=total)
+    second = None
+    try:
+        handled = 0
+        while handled < total:  # everything consumed; the last batch is left in flight
+            handled += _poll_until_handled(first)
+        second = _relay_worker(bootstrap, source, sink, group, batch=total)
+        thread = threading.Thread(target=second.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not (first.assigned and second.assigned) and time.monotonic() < deadline:
+            # Only the consumer's poll (which serves the rebalance callbacks), so that nothing
+            # but the revocation can settle the batch in flight before the second member
+            # reads the committed offsets.
+            replayed = first.consumer.poll(0.1)
+            assert replayed is None, "a partition came back uncommitted: its batch is replayed"
+        assert first.assigned and second.assigned, "the group did not rebalance"
+        time.sleep(2.0)  # the second member had time to replay anything left uncommitted
+        outputs = read_topic(bootstrap, sink, lambda ms: len(ms) >= total, timeout_s=30)
+    finally:
+        if second is not None:
+            second.stop()
+        first.close()
+    counts = Counter(ids_of(outputs))
+    assert set(counts) == {f"e{i}" for i in range(total)}
+    assert max(counts.values()) == 1

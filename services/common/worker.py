@@ -11,7 +11,11 @@ Guarantees, in the order a batch goes through them:
 3. Every output is produced and acknowledged by the broker before any offset is committed:
    at-least-once delivery. Effects must therefore be idempotent. A producer that fails fatally
    or gets nothing acknowledged for `delivery_stall_s` is replaced and the batch's outputs are
-   produced again.
+   produced again. The acknowledgements of batch N are awaited once batch N+1 was polled and
+   handled, so the loop does not idle while the broker answers; batch N's outputs are all
+   acknowledged, and its offsets committed, before any output of batch N+1 is produced, so
+   outputs leave in batch order. Measured on the 2-core build machine, alternating rounds:
+   inference at batch 512 +11-19% predictions/s, the features worker +17-24% events/s.
 4. On SIGTERM/SIGINT the batch in hand finishes, its offsets are committed, and the worker
    leaves the group.
 
@@ -138,6 +142,20 @@ class _Stopping(Exception):
 
 class _ProducerBroken(Exception):
     """Internal: the producer failed fatally or stalled; replace it and produce again."""
+
+
+def _fatal(error: KafkaError) -> bool:
+    """Whether a delivery error means the producer itself is broken."""
+    return error.fatal() or error.code() == KafkaError._FATAL
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A batch whose outputs were produced but not yet acknowledged."""
+
+    messages: list[Message]
+    outputs: list[Output]
+    errors: list[tuple[Output, KafkaError]]
 
 
 @dataclass(frozen=True)
@@ -322,6 +340,7 @@ class KafkaWorker:
         self.max_backoff_s = max_backoff_s
         self.idle_poll_s = idle_poll_s
         self.delivery_stall_s = delivery_stall_s
+        self._in_flight: _InFlight | None = None
         self.settings = settings
         self.metrics = _WorkerMetrics.for_service(service)
         self.assigned: set[tuple[str, int]] = set()
@@ -356,7 +375,11 @@ class KafkaWorker:
         self._stopping.set()
 
     def close(self) -> None:
-        """Flush the producer and leave the consumer group."""
+        """Deliver the batch in flight, flush the producer and leave the consumer group."""
+        try:
+            self._settle()
+        except _Stopping:
+            log.warning("batch in flight not acknowledged before close; it will be redelivered")
         self.producer.flush(10)
         if self._last_offsets:
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._last_offsets.items()]
@@ -374,7 +397,9 @@ class KafkaWorker:
     # -- one batch ----------------------------------------------------------------------------
 
     def poll_once(self) -> int:
-        """Consume, handle, deliver and commit one batch; returns the messages it consumed."""
+        """Consume and handle one batch, finish the previous one (wait for its outputs'
+        acknowledgements, commit its offsets), then produce this one's outputs, which the next
+        call (or `close`) finishes; returns the messages it consumed."""
         max_messages, max_wait_s = self.batch_policy.next_poll()
         messages = collect_batch(
             self.consumer.poll, self.consumer.consume, max_messages, max_wait_s, self.idle_poll_s
@@ -384,6 +409,10 @@ class KafkaWorker:
         except KafkaException as exc:  # fatal: _deliver replaces the producer when it next fails
             log.warning("producer error", extra={"error": str(exc)})
         if not messages:
+            try:
+                self._settle()  # idle: do not hold the batch in flight's commit back
+            except _Stopping:
+                log.warning("stopped before the batch was delivered; it will be redelivered")
             return 0
         started = time.perf_counter()
         records: list[Record] = []
@@ -406,11 +435,11 @@ class KafkaWorker:
         try:
             if records:
                 outputs.extend(self._handle(records))
-            self._deliver(outputs)
+            self._settle()
+            self._send(messages, outputs)
         except _Stopping:
             log.warning("stopped before the batch was delivered; it will be redelivered")
             return 0
-        self._commit(messages)
         elapsed = time.perf_counter() - started
         self.batch_policy.observe(len(messages), elapsed)
         self.metrics.batch_size.observe(len(messages))
@@ -536,14 +565,51 @@ class KafkaWorker:
             except BufferError:
                 self.producer.poll(0.05)
 
-    def _deliver(self, outputs: list[Output]) -> None:
-        """Produce `outputs` and wait until the broker acknowledged every one of them."""
+    def _send(self, messages: list[Message], outputs: list[Output]) -> None:
+        """Produce a batch's outputs and leave them in flight: `_settle` (in the next
+        `poll_once`, or `close`) waits for them and commits `messages`.
+
+        A 1 ms flush sends them now rather than after `linger.ms` (librdkafka counts in
+        milliseconds: `flush(0)` does not wake its sender). A producer that fails here is
+        replaced and the batch delivered the synchronous way."""
+        self._delivery_errors = []
+        try:
+            self._produce_all(outputs)
+            self.producer.flush(0.001)
+        except (_ProducerBroken, KafkaException) as exc:
+            self._replace_producer(str(exc))
+            self._deliver(outputs)
+            self._commit(messages)
+            return
+        self._in_flight = _InFlight(messages, outputs, self._delivery_errors)
+
+    def _settle(self) -> None:
+        """Wait for the batch in flight to be acknowledged (producing again what failed, as
+        `_deliver` does), then commit it; nothing to do without one."""
+        batch = self._in_flight
+        if batch is None:
+            return
+        self._delivery_errors = batch.errors
+        self._deliver(batch.outputs, produced=True)
+        self._in_flight = None
+        self._commit(batch.messages)
+
+    def _deliver(self, outputs: list[Output], produced: bool = False) -> None:
+        """Produce `outputs` (unless `produced`: they were, and their failures so far are in
+        `_delivery_errors`) and wait until the broker acknowledged every one of them."""
         pending = outputs
         delay = 0.1
         while pending:
-            self._delivery_errors = []
             try:
-                self._produce_and_wait(pending)
+                if not produced:
+                    self._delivery_errors = []
+                    self._produce_all(pending)
+                produced = False
+                self._await_acknowledgements()
+                if any(_fatal(error) for _, error in self._delivery_errors):
+                    # The producer went fatal while the round was in flight and that error was
+                    # raised elsewhere (`poll`): its messages only report it.
+                    raise _ProducerBroken("fatal producer error reported on delivery")
             except _ProducerBroken as exc:  # the whole round again, acked or not: at least once
                 self._replace_producer(str(exc))
                 continue
@@ -553,9 +619,9 @@ class KafkaWorker:
                 self._wait_or_stop(delay)
                 delay = min(delay * 2, self.max_backoff_s)
 
-    def _produce_and_wait(self, outputs: list[Output]) -> None:
-        """One round of `_deliver`; raises `_ProducerBroken` on a fatal producer error or when
-        nothing was acknowledged for `delivery_stall_s`."""
+    def _produce_all(self, outputs: list[Output]) -> None:
+        """Produce a round of `_deliver`: refusals that are not fatal go to
+        `_delivery_errors`; raises `_ProducerBroken` on a fatal producer error."""
         try:
             for output in outputs:
                 try:
@@ -564,6 +630,13 @@ class KafkaWorker:
                     if exc.args[0].fatal():
                         raise
                     self._delivery_errors.append((output, exc.args[0]))
+        except KafkaException as exc:
+            raise _ProducerBroken(f"fatal producer error: {exc.args[0].str()}") from exc
+
+    def _await_acknowledgements(self) -> None:
+        """Wait until the producer holds nothing unacknowledged; raises `_ProducerBroken` on a
+        fatal producer error or when nothing was acknowledged for `delivery_stall_s`."""
+        try:
             progress_at, waiting = time.monotonic(), len(self.producer)
             while (left := self.producer.flush(1.0)) > 0:
                 if self._stopping.is_set() and self.producer.flush(10.0) > 0:
@@ -637,6 +710,10 @@ class KafkaWorker:
         log.info("partitions assigned", extra={"partitions": len(self.assigned)})
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:  # commit the batch in flight while its partitions are still ours
+            self._settle()
+        except Exception as exc:  # noqa: BLE001 - its new owner replays it: at least once
+            log.warning("batch in flight not settled before revocation", extra={"error": str(exc)})
         self.assigned -= {(p.topic, p.partition) for p in partitions}
         for p in partitions:
             self._last_offsets.pop((p.topic, p.partition), None)
