@@ -59,6 +59,20 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -
     return {tp.partition: tp.offset for tp in committed}
 
 
+def make_relay_worker(
+    bootstrap: str, source: str, sink: str, group: str, batch: int, wait_s: float = 0.2
+) -> KafkaWorker:
+    return KafkaWorker(
+        SluiceSettings(kafka_bootstrap=bootstrap),
+        service="test_relay",
+        group_id=group,
+        topics=[source],
+        handler=relay_to(sink),
+        decoders={source: Event},
+        batch_policy=FixedBatch(max_messages=batch, max_wait_s=wait_s),
+    )
+
+
 def test_ten_thousand_messages_are_each_handled_once_and_committed(cluster):
     bootstrap = cluster.kafka_bootstrap
     source = create_topic(bootstrap, unique("test.in"), 4)
@@ -66,15 +80,7 @@ def test_ten_thousand_messages_are_each_handled_once_and_committed(cluster):
     events = [make_event(i) for i in range(10_000)]
     ends = produce_all(bootstrap, source, ((e.entities["card"], encode(e)) for e in events))
     group = unique("group")
-    worker = KafkaWorker(
-        SluiceSettings(kafka_bootstrap=bootstrap),
-        service="test_relay",
-        group_id=group,
-        topics=[source],
-        handler=relay_to(sink),
-        decoders={source: Event},
-        batch_policy=FixedBatch(max_messages=500, max_wait_s=0.02),
-    )
+    worker = make_relay_worker(bootstrap, source, sink, group, batch=500, wait_s=0.02)
     thread = run_in_thread(worker)
     try:
         outputs = read_topic(bootstrap, sink, lambda ms: len(ms) >= 10_000, timeout_s=90)
@@ -189,18 +195,6 @@ def encode_dict(event: Event) -> dict:
     return event.model_dump(mode="json")
 
 
-def _relay_worker(bootstrap: str, source: str, sink: str, group: str, batch: int) -> KafkaWorker:
-    return KafkaWorker(
-        SluiceSettings(kafka_bootstrap=bootstrap),
-        service="test_relay",
-        group_id=group,
-        topics=[source],
-        handler=relay_to(sink),
-        decoders={source: Event},
-        batch_policy=FixedBatch(max_messages=batch, max_wait_s=0.2),
-    )
-
-
 def _poll_until_handled(worker: KafkaWorker, timeout_s: float = 60) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -217,7 +211,7 @@ def test_the_batch_left_in_flight_is_acknowledged_and_committed_on_close(cluster
     sink = create_topic(bootstrap, unique("test.out"), 1)
     ends = produce_all(bootstrap, source, ((b"k", encode(make_event(i))) for i in range(50)))
     group = unique("group")
-    worker = _relay_worker(bootstrap, source, sink, group, batch=1000)
+    worker = make_relay_worker(bootstrap, source, sink, group, batch=1000)
     handled = 0
     try:
         while handled < 50:
@@ -238,13 +232,13 @@ def test_a_rebalance_commits_the_batch_in_flight_before_its_partitions_move(clus
     total = 400
     produce_all(bootstrap, source, ((f"k{i}", encode(make_event(i))) for i in range(total)))
     group = unique("group")
-    first = _relay_worker(bootstrap, source, sink, group, batch=total)
+    first = make_relay_worker(bootstrap, source, sink, group, batch=total)
     second = None
     try:
         handled = 0
         while handled < total:  # everything consumed; the last batch is left in flight
             handled += _poll_until_handled(first)
-        second = _relay_worker(bootstrap, source, sink, group, batch=total)
+        second = make_relay_worker(bootstrap, source, sink, group, batch=total)
         thread = threading.Thread(target=second.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 60
