@@ -378,8 +378,11 @@ class KafkaWorker:
         """Deliver the batch in flight, flush the producer and leave the consumer group."""
         try:
             self._settle()
-        except _Stopping:
-            log.warning("batch in flight not acknowledged before close; it will be redelivered")
+        except Exception as exc:  # noqa: BLE001 - leave the group whatever happened; not committed
+            log.warning(
+                "batch in flight not delivered before close; it will be redelivered",
+                extra={"error": str(exc) or type(exc).__name__},
+            )
         self.producer.flush(10)
         if self._last_offsets:
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._last_offsets.items()]
