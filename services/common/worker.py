@@ -149,6 +149,11 @@ def _fatal(error: KafkaError) -> bool:
     return error.fatal() or error.code() == KafkaError._FATAL
 
 
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line: its text, or its class when it has none (`_Stopping`)."""
+    return str(exc) or type(exc).__name__
+
+
 @dataclass(slots=True)
 class _InFlight:
     """A batch whose outputs were produced but not yet acknowledged."""
@@ -381,7 +386,7 @@ class KafkaWorker:
         except Exception as exc:  # noqa: BLE001 - leave the group whatever happened; not committed
             log.warning(
                 "batch in flight not delivered before close; it will be redelivered",
-                extra={"error": str(exc) or type(exc).__name__},
+                extra={"error": _describe(exc)},
             )
         self.producer.flush(10)
         if self._last_offsets:
@@ -716,7 +721,9 @@ class KafkaWorker:
         try:  # commit the batch in flight while its partitions are still ours
             self._settle()
         except Exception as exc:  # noqa: BLE001 - its new owner replays it: at least once
-            log.warning("batch in flight not settled before revocation", extra={"error": str(exc)})
+            log.warning(
+                "batch in flight not settled before revocation", extra={"error": _describe(exc)}
+            )
         self.assigned -= {(p.topic, p.partition) for p in partitions}
         for p in partitions:
             self._last_offsets.pop((p.topic, p.partition), None)
