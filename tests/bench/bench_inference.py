@@ -250,14 +250,19 @@ def _throughput(ctx, root, env_overrides, count: int) -> tuple[float, float]:
     return len(scored) / span_s, mean_batch
 
 
-def _latency(ctx, root, env_overrides, rate: float, seconds: float) -> tuple[float, float, float]:
+def _latency(
+    ctx, root, env_overrides, rate: float, seconds: float, start=None
+) -> tuple[float, float, float]:
+    """p50 and p99 age (ms) of the predictions read back, and how many were read, for requests
+    produced at `rate` for `seconds` to a consumer `start(ctx, root, env_overrides, topics)`
+    launches (default: `python -m services.inference`) as a `Popen` that SIGTERM stops."""
     bootstrap = ctx.cluster.kafka_bootstrap
     topics = (
         create_topic(bootstrap, unique("bench.req"), 8),
         create_topic(bootstrap, unique("bench.pred"), 8),
     )
     reader = _Reader(bootstrap, topics[1], 8)
-    process, _port = _start_worker(ctx, root, env_overrides, topics)
+    process, _port = (start or _start_worker)(ctx, root, env_overrides, topics)
     producer = _producer(bootstrap)
     producer.produce(topics[0], b"warm-up is not json")  # joins fetch sessions before timing
     features = np.random.default_rng(6).normal(size=(1000, 8))
