@@ -9,6 +9,7 @@ rollout), because it stops the world for nobody else that way.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,20 @@ def test_a_failing_hook_reports_its_status_and_stderr():
     script = "import sys; print('boom: no labels', file=sys.stderr); sys.exit(3)"
     with pytest.raises(HookFailed, match=r"status 3: boom: no labels"):
         run_hook([sys.executable, "-c", script], {}, 30)
+
+
+def test_the_hook_runs_at_a_lower_cpu_priority():
+    """It reads its own niceness after a pause (the controller lowers it right after the start)
+    and reports it as a metric."""
+    script = (
+        "import json, os, time; time.sleep(0.3); nice = os.getpriority(os.PRIO_PROCESS, 0); "
+        "print(json.dumps({'version': '1', 'metrics': {'nice': nice}}))"
+    )
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert run_hook([sys.executable, "-c", script], {}, 30, nice=7).metrics == {
+        "nice": min(19, ours + 7)
+    }
+    assert run_hook([sys.executable, "-c", script], {}, 30).metrics == {"nice": ours}
 
 
 def test_a_hook_past_its_timeout_is_killed():

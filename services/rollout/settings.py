@@ -63,3 +63,11 @@ class RolloutSettings(SluiceSettings):
     rollout_retrain_timeout_s: float = Field(
         1800.0, gt=0, description="A retrain hook running longer is killed (the run fails)."
     )
+    rollout_retrain_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower than the controller's the hook's CPU priority is (Unix "
+        "niceness added, capped at 19), so training on a machine that also serves yields "
+        "the CPU to serving; 0 = the same priority.",
+    )
