@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -56,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 DEMO_MODELS = HERE / "models"
 ROLLOUT_PLAN = HERE / "rollout.yaml"
 EVENTS_PER_DAY = DemoConfig().cards * DemoConfig().txns_per_card_per_day
+JSON = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,9 @@ class Traffic:
         first_live = self._play_history(producer, stream, start_ms)
         labels: list[tuple[float, int, bytes]] = []
         started = time.monotonic()
-        async with httpx.AsyncClient(timeout=5) as client:
+        # aiohttp, not httpx, for the traffic itself: 0.3 ms of CPU per request against 2.3-2.5
+        # ms measured here, and on two cores the driver competes with the system it drives
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
             in_flight: set[asyncio.Task] = set()
             for item in itertools.chain([first_live], stream):
                 if self._stop.is_set():
@@ -359,24 +363,37 @@ class Traffic:
         }
         producer.produce(REQUESTS.name, encode_obj(request), key=body["entity_id"])
 
-    async def _sync(self, client: httpx.AsyncClient, body: dict) -> None:
+    async def _sync(self, client: aiohttp.ClientSession, body: dict) -> None:
         try:
-            response = await client.post(f"{self.gateway_url}/v1/models/fraud/predict", json=body)
-            if response.status_code == 200:
-                self.sync_ok += 1
-            else:
-                self.sync_failed += 1
-        except httpx.HTTPError:
+            url = f"{self.gateway_url}/v1/models/fraud/predict"
+            async with client.post(url, data=orjson.dumps(body), headers=JSON) as response:
+                await response.read()
+                ok = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if ok:
+            self.sync_ok += 1
+        else:
             self.sync_failed += 1
 
-    async def _send_due_labels(self, client: httpx.AsyncClient, labels: list) -> None:
+    async def _send_due_labels(self, client: aiohttp.ClientSession, labels: list) -> None:
         now = time.monotonic()
         due = []
         while labels and labels[0][0] <= now and len(due) < 1000:
             due.append(heapq.heappop(labels)[2])
         if len(due) >= 50 or (due and not labels):
-            await client.post(f"{self.gateway_url}/v1/labels", content=b"\n".join(due))
-            self.labels_sent += len(due)
+            try:
+                url = f"{self.gateway_url}/v1/labels"
+                async with client.post(url, data=b"\n".join(due)) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError):
+                status = 503
+            if status == 202:
+                self.labels_sent += len(due)
+            elif status >= 500:  # the gateway or its broker is busy: due again next call
+                for entry in due:
+                    heapq.heappush(labels, (now, 0, entry))
         elif due:
             for entry in due:
                 heapq.heappush(labels, (now, 0, entry))
