@@ -320,7 +320,12 @@ class SyncLoad:
         return [a for a in list(self.answers) if a.sent_at >= moment]
 
     async def _run(self) -> None:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        # Idle connections are dropped after 2 s, before the gateway's own 5 s keep-alive
+        # timeout (uvicorn's default) closes them: reusing one the server is closing at that
+        # moment fails with a ReadError that no server answer caused.
+        limits = httpx.Limits(
+            max_connections=256, max_keepalive_connections=256, keepalive_expiry=2.0
+        )
         timeout = self.deadline_ms / 1000 + self.grace_s
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             tasks: set[asyncio.Task] = set()
