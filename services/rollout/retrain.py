@@ -189,9 +189,11 @@ def run_hook(
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
         raise HookFailed(f"the hook ran past {timeout_s:.0f}s and was killed") from None
+    finally:  # as `subprocess.run` did: a hook is never left running, whatever interrupted
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     if process.returncode != 0:
         tail = stderr.strip()[-_STDERR_TAIL + 100 :]
         raise HookFailed(f"the hook exited with status {process.returncode}: {tail}")
