@@ -368,15 +368,18 @@ class Traffic:
         }
         producer.produce(REQUESTS.name, encode_obj(request), key=body["entity_id"])
 
-    async def _sync(self, client: aiohttp.ClientSession, body: dict) -> None:
+    async def _post(self, client: aiohttp.ClientSession, path: str, data: bytes, **kw) -> int:
+        """POST to the gateway and read the answer; its status, 503 when none came."""
         try:
-            url = f"{self.gateway_url}/v1/models/fraud/predict"
-            async with client.post(url, data=orjson.dumps(body), headers=JSON) as response:
+            async with client.post(f"{self.gateway_url}{path}", data=data, **kw) as response:
                 await response.read()
-                ok = response.status == 200
+                return response.status
         except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        if ok:
+            return 503
+
+    async def _sync(self, client: aiohttp.ClientSession, body: dict) -> None:
+        path = "/v1/models/fraud/predict"
+        if await self._post(client, path, orjson.dumps(body), headers=JSON) == 200:
             self.sync_ok += 1
         else:
             self.sync_failed += 1
@@ -387,21 +390,14 @@ class Traffic:
         while labels and labels[0][0] <= now and len(due) < 1000:
             due.append(heapq.heappop(labels)[2])
         if len(due) >= 50 or (due and not labels):
-            try:
-                url = f"{self.gateway_url}/v1/labels"
-                async with client.post(url, data=b"\n".join(due)) as response:
-                    await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError):
-                status = 503
+            status = await self._post(client, "/v1/labels", b"\n".join(due))
             if status == 202:
                 self.labels_sent += len(due)
-            elif status >= 500:  # the gateway or its broker is busy: due again next call
-                for entry in due:
-                    heapq.heappush(labels, (now, 0, entry))
-        elif due:
-            for entry in due:
-                heapq.heappush(labels, (now, 0, entry))
+                return
+            if status < 500:  # refused for good; 5xx: the gateway or its broker is busy
+                return
+        for entry in due:  # due again at the next call
+            heapq.heappush(labels, (now, 0, entry))
 
 
 @dataclass
