@@ -45,6 +45,7 @@ from services.features.store import (
     PartitionMarkers,
     StateStore,
     encode_observation,
+    float_texts,
     marker_field,
     marker_key,
     observation_field,
@@ -390,8 +391,9 @@ class Applier:
             if None in values.values():
                 missing = [name for name, value in values.items() if value is None]
                 values = {name: value for name, value in values.items() if value is not None}
+            texts = float_texts(list(values.values()))
             sets = [ENTITY_TS_FIELD, str(clock)]
-            sets += chain.from_iterable(zip(values, map(repr, values.values()), strict=True))
+            sets += chain.from_iterable(zip(values, texts, strict=True))
             for observation in window.added.values():
                 sets += (
                     observation_field(observation.event_type, observation.event_id),

@@ -243,8 +243,9 @@ class WindowPlan:
     length slide together.
     """
 
-    __slots__ = ("specs", "names", "max_window_ms", "kinds", "_filters", "_fields", "_always",
-                 "slides", "_mask", "_members", "values")  # fmt: skip
+    __slots__ = ("specs", "names", "max_window_ms", "min_window_ms", "kinds", "_filters",
+                 "_fields", "_always", "slides", "_mask", "_folds", "values",
+                 "fresh_state")  # fmt: skip
 
     def __init__(self, specs: Sequence[WindowSpec]) -> None:
         if not specs:
@@ -279,31 +280,103 @@ class WindowPlan:
         ]
         self.slides = sorted(slides.items())
         """`(window_ms, [(feature index, kind, field)])`: features whose state slides together."""
+        self.min_window_ms = self.slides[0][0] if self.slides else self.max_window_ms
         self._mask = self._compile_mask()
-        self._members: dict[int, list[tuple[int, tuple[int, ...], tuple]]] = {}
-        self.values: Callable[[list[int], list, Callable[[int], float | None]], dict] = (
-            self._compile_values()
-        )
-        """`values(counts, state, last)`: every feature's value from an `EntityWindow`'s state
-        (`last(i)` reads feature `i`'s `last`), as one dict literal, generated once."""
+        self._folds: dict[int, Fold] = {}
+        self.values: Callable[[list[int], list, int], dict] = self._compile_values()
+        """`values(counts, state, clock)`: every feature's value from an `EntityWindow`'s state,
+        as one dict literal, generated once."""
+        self.fresh_state: Callable[[], list] = self._compile_fresh_state()
+        """A new empty state list: per feature `0` (exact sum), `[]` (sorted values), `{}`
+        (value counts) or `None` (no `last` yet), as one list display."""
 
     def mask(self, observation: Observation) -> int:
         """Bit `i` set when feature `i` accepts the observation (see `WindowSpec.accepts`)."""
         return self._mask(observation)
 
-    def members(self, mask: int) -> list[tuple[int, tuple[int, ...], tuple]]:
-        """For each slide group (in `slides` order): its window, the counts to bump and the
-        other features `(index, kind, field)` that an observation with `mask` feeds."""
-        found = self._members.get(mask)
+    def fold(self, mask: int) -> Fold:
+        """The generated code that adds (and, per slide group, removes) an observation whose
+        accepting features are `mask`: compiled the first time the mask is seen."""
+        found = self._folds.get(mask)
         if found is None:
-            found = []
-            for window_ms, members in self.slides:
-                chosen = [m for m in members if mask >> m[0] & 1]
-                counted = tuple(i for i, kind, _ in chosen if kind == _COUNT)
-                others = tuple(m for m in chosen if m[1] != _COUNT)
-                found.append((window_ms, counted, others))
-            self._members[mask] = found
+            found = self._folds[mask] = self._compile_fold(mask)
         return found
+
+    def _compile_fold(self, mask: int) -> Fold:
+        """Straight-line `add` and `remove` bodies for one mask, so the stream never loops over
+        features or branches on their aggregation per observation. `add(n, state, values, ts,
+        clock, order_key)` folds into each slide group whose window holds `ts` and into the
+        `last` features it beats; `removes[g](n, state, values)` takes the observation out of
+        slide group `g` (None when it feeds none). A `last` state is `(order key, value)` of the
+        greatest observation its feature accepted: it never slides, since once that one leaves
+        the window every other accepted one has too (`values` then reads None)."""
+        namespace: dict[str, object] = {
+            "_fixed": fixed_point, "_insort": insort, "_bisect": bisect_right
+        }  # fmt: skip
+        fields: dict[str, str] = {}
+
+        def field_var(name: str | None) -> str:
+            if name not in fields:
+                fields[name] = f"v{len(fields)}"
+                namespace[f"F{len(fields) - 1}"] = name
+            return fields[name]
+
+        add_groups: list[list[str]] = []
+        removes_source: list[list[str] | None] = []
+        fixed_needed: set[str] = set()
+        for window_ms, members in self.slides:
+            chosen = [member for member in members if mask >> member[0] & 1]
+            if not chosen:
+                add_groups.append([])
+                removes_source.append(None)
+                continue
+            add, remove = [], []
+            for i, kind, name in chosen:
+                add.append(f"n[{i}] += 1")
+                remove.append(f"n[{i}] -= 1")
+                if kind == _COUNT:
+                    continue
+                var = field_var(name)
+                if kind in (_SUM, _MEAN):
+                    fixed_needed.add(var)
+                    add.append(f"state[{i}] += x{var}")
+                    remove.append(f"state[{i}] -= _fixed({var})")
+                elif kind == _DISTINCT:
+                    add += [f"c = state[{i}]", f"c[{var}] = c.get({var}, 0) + 1"]
+                    remove += [
+                        f"c = state[{i}]", f"left = c[{var}] - 1",
+                        "if left:", f"    c[{var}] = left", "else:", f"    del c[{var}]",
+                    ]  # fmt: skip
+                else:
+                    add.append(f"_insort(state[{i}], {var})")
+                    remove += [f"s = state[{i}]", f"del s[_bisect(s, {var}) - 1]"]
+            add_groups.append([f"    if ts > clock - {window_ms}:", *(f"        {a}" for a in add)])
+            removes_source.append(remove)
+        for i, kind in enumerate(self.kinds):
+            if kind == _LAST and mask >> i & 1:
+                var = field_var(self.specs[i].field)
+                add_groups.append([
+                    f"    current = state[{i}]",
+                    "    if current is None or order_key > current[0]:",
+                    f"        state[{i}] = (order_key, {var})",
+                ])  # fmt: skip
+        reads = [f"    {var} = values[F{var[1:]}]" for var in fields.values()]
+        lines = ["def add(n, state, values, ts, clock, order_key):", *reads]
+        lines += [f"    x{var} = _fixed({var})" for var in fields.values() if var in fixed_needed]
+        lines += [line for group in add_groups for line in group] or ["    pass"]
+        exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own templates
+        removes: list[Callable[[list[int], list, Mapping[str, Value]], None] | None] = []
+        for g, remove in enumerate(removes_source):
+            if remove is None:
+                removes.append(None)
+                continue
+            used = [var for var in fields.values() if any(var in line for line in remove)]
+            body = [f"def remove{g}(n, state, values):"]
+            body += [f"    {var} = values[F{var[1:]}]" for var in used]
+            body += [f"    {line}" for line in remove]
+            exec("\n".join(body), namespace)  # noqa: S102 - generated from our own templates
+            removes.append(namespace[f"remove{g}"])  # type: ignore[arg-type]
+        return Fold(namespace["add"], tuple(removes))  # type: ignore[arg-type]
 
     def _compile_mask(self) -> Callable[[Observation], int]:
         """Generate the body of `mask` as straight-line Python, once per entity.
@@ -343,7 +416,7 @@ class WindowPlan:
         exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own templates
         return namespace["mask"]  # type: ignore[return-value]
 
-    def _compile_values(self) -> Callable[[list[int], list, Callable[[int], float | None]], dict]:
+    def _compile_values(self) -> Callable[[list[int], list, int], dict]:
         """Generate `values` as one dict display: the commit builds it for every changed entity,
         and a loop over the features with a branch per aggregation cost twice as much. Feature
         names reach the source only as namespace constants."""
@@ -351,6 +424,7 @@ class WindowPlan:
         items = []
         for i, kind in enumerate(self.kinds):
             namespace[f"N{i}"] = self.names[i]
+            window = self.specs[i].window_ms
             value = {
                 _COUNT: f"float(n[{i}])",
                 _SUM: f"(_fixed(state[{i}]) if n[{i}] else 0.0)",
@@ -358,12 +432,27 @@ class WindowPlan:
                 _DISTINCT: f"float(len(state[{i}]))",
                 _MIN: f"(state[{i}][0] if state[{i}] else None)",
                 _MAX: f"(state[{i}][-1] if state[{i}] else None)",
-                _LAST: f"last({i})",
+                _LAST: f"(state[{i}][1] if state[{i}] and state[{i}][0][0] > clock - {window}"
+                " else None)",
             }[kind]
             items.append(f"        N{i}: {value},")
-        source = "\n".join(["def values(n, state, last):", "    return {", *items, "    }"])
+        source = "\n".join(["def values(n, state, clock):", "    return {", *items, "    }"])
         exec(source, namespace)  # noqa: S102 - generated from our own templates
         return namespace["values"]  # type: ignore[return-value]
+
+    def _compile_fresh_state(self) -> Callable[[], list]:
+        empty = {_DISTINCT: "{}", _SUM: "0", _MEAN: "0", _LAST: "None"}
+        items = ", ".join(empty.get(kind, "[]") for kind in self.kinds)
+        namespace: dict[str, object] = {}
+        exec(f"def fresh_state():\n    return [{items}]", namespace)  # noqa: S102 - our template
+        return namespace["fresh_state"]  # type: ignore[return-value]
+
+
+class Fold(NamedTuple):
+    """What `WindowPlan.fold` generates for one mask."""
+
+    add: Callable[[list[int], list, Mapping[str, Value], int, int, tuple[int, str, str]], None]
+    removes: tuple[Callable[[list[int], list, Mapping[str, Value]], None] | None, ...]
 
 
 def _condition_source(op: Op, value: str, constant: str) -> str:
@@ -390,8 +479,8 @@ class EntityWindow:
     incremental persistence.
 
     Per feature it keeps the number of values in its window and, by aggregation, the exact sum
-    in fixed point (sum, mean), a sorted list (min, max) or value counts (distinct_count); `last`
-    is read from the time-ordered observations.
+    in fixed point (sum, mean), a sorted list (min, max) or value counts (distinct_count), and
+    for `last` the greatest accepted observation's order key and value.
     """
 
     __slots__ = ("plan", "clock", "_times", "_order", "_held", "_n", "_state", "added",
@@ -404,90 +493,60 @@ class EntityWindow:
         self._order: list[tuple[int, str, str]] = []
         self._held: dict[ObservationKey, tuple[Observation, int]] = {}
         self._n = [0] * len(plan.kinds)
-        self._state: list = [
-            {} if kind == _DISTINCT else 0 if kind in (_SUM, _MEAN) else [] for kind in plan.kinds
-        ]
+        self._state: list = plan.fresh_state()
         self.added: dict[ObservationKey, Observation] = {}
         self.removed: set[ObservationKey] = set()
 
     def apply(self, observation: Observation) -> bool:
         """Fold `observation` into every feature that accepts it; False when it changes nothing
         (accepted by none, a duplicate, or older than the largest window)."""
-        event_type, event_id, ts = observation.event_type, observation.event_id, observation.ts
+        ts, event_type, event_id, _late, values = observation
         key = (event_type, event_id)
         held = self._held
         if key in held:
             return False
         plan = self.plan
-        mask = plan.mask(observation)
+        mask = plan._mask(observation)
         if not mask:
             return False
         clock = self.clock
-        if clock is None:
+        order_key = (ts, event_type, event_id)
+        if clock is None or ts > clock:
+            if clock is not None and self._times[0] <= ts - plan.min_window_ms:
+                self._slide(clock, ts)  # something leaves a window (the test is the cheap part)
             self.clock = clock = ts
-        elif ts > clock:
-            self._slide(clock, ts)
-            self.clock = clock = ts
+            self._times.append(ts)
+            self._order.append(order_key)
         elif ts <= clock - plan.max_window_ms:
             return False
-        order_key = (ts, event_type, event_id)
-        index = bisect_right(self._order, order_key)
-        self._times.insert(index, ts)
-        self._order.insert(index, order_key)
+        else:
+            index = bisect_right(self._order, order_key)
+            self._times.insert(index, ts)
+            self._order.insert(index, order_key)
         held[key] = (observation, mask)
         self.added[key] = observation
-        values = observation.values
-        n, state = self._n, self._state
-        for window_ms, counted, others in plan.members(mask):
-            if ts <= clock - window_ms:
-                continue
-            for i in counted:
-                n[i] += 1
-            for i, kind, name in others:
-                n[i] += 1
-                value = values[name]
-                if kind in (_SUM, _MEAN):
-                    state[i] += fixed_point(value)
-                elif kind == _DISTINCT:
-                    counts = state[i]
-                    counts[value] = counts.get(value, 0) + 1
-                else:
-                    insort(state[i], value)
-        horizon = clock - plan.max_window_ms
-        if self._times[0] <= horizon:  # anything to forget (the call costs more than the test)
-            self._prune(horizon)
+        fold = plan._folds.get(mask) or plan.fold(mask)
+        fold.add(self._n, self._state, values, ts, clock, order_key)
+        if self._times[0] <= clock - plan.max_window_ms:  # anything to forget
+            self._prune(clock - plan.max_window_ms)
         return True
 
     def _slide(self, old_clock: int, new_clock: int) -> None:
         """Remove from each feature what its window leaves as the clock advances."""
         times, order, held = self._times, self._order, self._held
         n, state = self._n, self._state
-        members = self.plan.members
-        for group, (window_ms, _all) in enumerate(self.plan.slides):
+        plan = self.plan
+        for group, (window_ms, _members) in enumerate(plan.slides):
+            if times[0] > new_clock - window_ms:
+                return  # nothing leaves this window, nor the longer ones after it
             start = bisect_right(times, old_clock - window_ms)
             stop = bisect_right(times, new_clock - window_ms)
             for j in range(start, stop):
                 _ts, event_type, event_id = order[j]
                 observation, mask = held[(event_type, event_id)]
-                _window, counted, others = members(mask)[group]
-                for i in counted:
-                    n[i] -= 1
-                values = observation.values
-                for i, kind, name in others:
-                    n[i] -= 1
-                    value = values[name]
-                    if kind in (_SUM, _MEAN):
-                        state[i] -= fixed_point(value)
-                    elif kind == _DISTINCT:
-                        counts = state[i]
-                        left = counts[value] - 1
-                        if left:
-                            counts[value] = left
-                        else:
-                            del counts[value]
-                    else:
-                        sorted_values = state[i]
-                        del sorted_values[bisect_right(sorted_values, value) - 1]
+                remove = (plan._folds.get(mask) or plan.fold(mask)).removes[group]
+                if remove is not None:
+                    remove(n, state, observation.values)
 
     def _prune(self, horizon: int) -> None:
         """Forget observations at or before `horizon` (outside every window already)."""
@@ -507,20 +566,7 @@ class EntityWindow:
         them before any observation was accepted)."""
         if self.clock is None:
             return dict.fromkeys(self.plan.names)
-        return self.plan.values(self._n, self._state, self._last)
-
-    def _last(self, index: int) -> float | None:
-        spec = self.plan.specs[index]
-        start = self.clock - spec.window_ms  # type: ignore[operator]
-        bit = 1 << index
-        for j in range(len(self._order) - 1, -1, -1):
-            ts, event_type, event_id = self._order[j]
-            if ts <= start:
-                return None
-            observation, mask = self._held[(event_type, event_id)]
-            if mask & bit:
-                return observation.values[spec.field]  # type: ignore[index,return-value]
-        return None
+        return self.plan.values(self._n, self._state, self.clock)
 
     def observations(self) -> list[Observation]:
         """The observations held (inside the largest window), oldest first."""
