@@ -72,8 +72,9 @@ def decode(
             f"{len(data)} bytes, over the limit of {max_bytes}",
             {"bytes": len(data), "max_bytes": max_bytes},
         )
-    try:  # fast path: parse and validate in one pass (pydantic-core)
-        message = model.model_validate_json(data)
+    try:  # fast path: parse and validate in one pass (pydantic-core, called directly: what
+        # `model_validate_json` calls, without its ~1 us of keyword handling per message)
+        message = model.__pydantic_validator__.validate_json(data)
     except ValidationError as exc:
         raise _classify(model, data, exc) from None
     if message.schema_version > _supported(model):

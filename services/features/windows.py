@@ -490,8 +490,10 @@ class EntityWindow:
         self.plan = plan
         self.clock: int | None = None
         self._times: list[int] = []
-        self._order: list[tuple[int, str, str]] = []
-        self._held: dict[ObservationKey, tuple[Observation, int]] = {}
+        self._order: list[tuple[int, str, str, Observation, tuple]] = []
+        """Per held observation, sorted by its order key `(ts, event_type, event_id)`: the key's
+        parts, the observation and its fold's `removes` (so sliding needs no lookups)."""
+        self._held: set[ObservationKey] = set()
         self._n = [0] * len(plan.kinds)
         self._state: list = plan.fresh_state()
         self.added: dict[ObservationKey, Observation] = {}
@@ -511,21 +513,22 @@ class EntityWindow:
             return False
         clock = self.clock
         order_key = (ts, event_type, event_id)
+        fold = plan._folds.get(mask) or plan.fold(mask)
+        entry = (ts, event_type, event_id, observation, fold.removes)
         if clock is None or ts > clock:
             if clock is not None and self._times[0] <= ts - plan.min_window_ms:
                 self._slide(clock, ts)  # something leaves a window (the test is the cheap part)
             self.clock = clock = ts
             self._times.append(ts)
-            self._order.append(order_key)
+            self._order.append(entry)
         elif ts <= clock - plan.max_window_ms:
             return False
         else:
-            index = bisect_right(self._order, order_key)
+            index = bisect_right(self._order, order_key)  # no entry shares the key: held
             self._times.insert(index, ts)
-            self._order.insert(index, order_key)
-        held[key] = (observation, mask)
+            self._order.insert(index, entry)
+        held.add(key)
         self.added[key] = observation
-        fold = plan._folds.get(mask) or plan.fold(mask)
         fold.add(self._n, self._state, values, ts, clock, order_key)
         if self._times[0] <= clock - plan.max_window_ms:  # anything to forget
             self._prune(clock - plan.max_window_ms)
@@ -533,18 +536,16 @@ class EntityWindow:
 
     def _slide(self, old_clock: int, new_clock: int) -> None:
         """Remove from each feature what its window leaves as the clock advances."""
-        times, order, held = self._times, self._order, self._held
+        times, order = self._times, self._order
         n, state = self._n, self._state
-        plan = self.plan
-        for group, (window_ms, _members) in enumerate(plan.slides):
+        for group, (window_ms, _members) in enumerate(self.plan.slides):
             if times[0] > new_clock - window_ms:
                 return  # nothing leaves this window, nor the longer ones after it
             start = bisect_right(times, old_clock - window_ms)
             stop = bisect_right(times, new_clock - window_ms)
             for j in range(start, stop):
-                _ts, event_type, event_id = order[j]
-                observation, mask = held[(event_type, event_id)]
-                remove = (plan._folds.get(mask) or plan.fold(mask)).removes[group]
+                _ts, _type, _id, observation, removes = order[j]
+                remove = removes[group]
                 if remove is not None:
                     remove(n, state, observation.values)
 
@@ -553,9 +554,9 @@ class EntityWindow:
         stop = bisect_right(self._times, horizon)
         if not stop:
             return
-        for _ts, event_type, event_id in self._order[:stop]:
+        for _ts, event_type, event_id, _observation, _removes in self._order[:stop]:
             key = (event_type, event_id)
-            del self._held[key]
+            self._held.remove(key)
             if self.added.pop(key, None) is None:
                 self.removed.add(key)
         del self._times[:stop]
@@ -570,7 +571,7 @@ class EntityWindow:
 
     def observations(self) -> list[Observation]:
         """The observations held (inside the largest window), oldest first."""
-        return [self._held[(t, i)][0] for _ts, t, i in self._order]
+        return [entry[3] for entry in self._order]
 
     def clear_changes(self) -> None:
         """Forget `added`/`removed` once they are persisted."""
