@@ -13,6 +13,11 @@ takes them), and reads partitions by assignment (no group join in the clock):
 - **sink floor**: consume predictions and `orjson.loads` each; what the monitor sink cannot go
   below before validating or inserting anything. Also with two processes, each reading half
   of the partitions, for a sink scaled out on this machine's two cores.
+- **features floor**: what a features process does besides its windows and Redis: decode each
+  demo event with the codec (the schema check that sends bad events to the DLQ), route it with
+  the service's own stateless `Router` (per entity: its fields, its owner partition) and produce
+  the repartition messages; then, as a second drain, consume those and `orjson.loads` each.
+  Reported in source events/s over both drains' time, against the 20,000 events/s target.
 - **latency floor**: the inference benchmark's latency measurement (its load generator placing
   requests as the gateway does, its reader in a process of its own) against a relay process
   that answers each request with a prediction-sized message and does nothing else, placed as
@@ -36,20 +41,27 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from schemas.messages import Event
+from services.common.codec import decode, encode
 from services.common.kafka import consumer_config, producer_config, sticky_partition
 from services.common.settings import SluiceSettings
 from services.common.worker import collect_batch
+from services.features.definitions import FeatureRegistry
+from services.features.stream import Router, SourceRecord
 from services.inference.settings import InferenceSettings
+from tests.bench.bench_features import _demo
 from tests.bench.bench_inference import _latency, _request
 from tests.bench.bench_monitor import _prediction
 from tests.bench.harness import BenchContext, BenchTable
 from tests.support import create_topic, produce_all, unique
+from tests.test_features_support import DEMO_DEFINITIONS
 
 PARTITIONS = 8
 BATCH = 2000
 """Messages per consume, as the monitor sink's default batch and above the inference batches."""
 INFERENCE_TARGET = 50_000
 SINK_TARGET = 100_000
+FEATURES_TARGET = 20_000
 LATENCY_TARGET_P99_MS = 20.0
 LATENCY_RATE = 5_000
 SLICE_MS: int = InferenceSettings.model_fields["inference_partition_slice_ms"].default
@@ -117,6 +129,10 @@ def run(ctx: BenchContext) -> list[BenchTable]:
             *_drain(settings, predictions, PARTITIONS, count, _parse, None),
         ],
         ["sink floor, 2 processes", *_drain_in_processes(settings, predictions, ends, 2)],
+        [
+            "features floor (decode event + route + repartition hop)",
+            *_features_floor(settings, 40_000 if ctx.quick else 100_000),
+        ],
     ]
     p50, p99, samples = _latency(
         ctx, None, {}, LATENCY_RATE, 4.0 if ctx.quick else 10.0, start=_start_relay
@@ -131,6 +147,8 @@ def run(ctx: BenchContext) -> list[BenchTable]:
                 f"{INFERENCE_TARGET / rows[1][3]:.2f}x the inference floor",
                 f"sink target {SINK_TARGET:,} rows/s = {SINK_TARGET / rows[2][3]:.2f}x the "
                 f"one-process sink floor, {SINK_TARGET / rows[3][3]:.2f}x with two processes",
+                f"features target {FEATURES_TARGET:,} events/s per process = "
+                f"{FEATURES_TARGET / rows[4][3]:.2f}x the features floor",
                 "the broker, the consumer and librdkafka's threads share this machine's cores",
             ],
         ),
@@ -184,6 +202,42 @@ def _relay(bootstrap: str, requests: str, replies: str, ready: str) -> None:
             reply = {**template, "created_at_ms": request["created_at_ms"], "scored_at_ms": now_ms}
             producer.produce(replies, orjson.dumps(reply), message.key(), partition)
         producer.flush(0.001)
+
+
+def _features_floor(settings: SluiceSettings, count: int) -> list[object]:
+    """Demo events -> decode + `Router.route` + produce (first drain), then the repartition
+    messages -> `orjson.loads` (second drain); events, seconds of both, events/s, cores."""
+    bootstrap = settings.kafka_bootstrap
+    events = create_topic(bootstrap, unique("bench.floor.events"), PARTITIONS)
+    repartition = create_topic(bootstrap, unique("bench.floor.repartition"), PARTITIONS)
+    produce_all(
+        bootstrap,
+        events,
+        ((item.event.entities["card"], encode(item.event)) for item in _demo(count, "floor-")),
+    )
+    router = Router(FeatureRegistry.load(DEMO_DEFINITIONS).with_source(events), PARTITIONS)
+    producer = Producer(producer_config(settings))
+    pending: list[SourceRecord] = []
+    sent = 0
+
+    def route(message) -> None:
+        nonlocal sent
+        event = decode(Event, message.value())
+        pending.append(SourceRecord(events, message.partition(), message.offset(), event))
+        if len(pending) == router.records_per_message:
+            for partition, payload in router.route(pending):
+                producer.produce(repartition, payload, partition=partition)
+                sent += 1
+            pending.clear()
+
+    assert count % router.records_per_message == 0, "every event routed inside the clock"
+    _, routing_s, _, routing_cores = _drain(settings, events, PARTITIONS, count, route, producer)
+    _, applying_s, _, applying_cores = _drain(
+        settings, repartition, PARTITIONS, sent, _parse, None
+    )
+    seconds = routing_s + applying_s
+    cores = (routing_cores * routing_s + applying_cores * applying_s) / seconds
+    return [count, round(seconds, 2), count / seconds, round(cores, 2)]
 
 
 def _vary(prediction: dict, i: int, values: list[float]) -> dict:
