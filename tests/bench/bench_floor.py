@@ -232,9 +232,7 @@ def _features_floor(settings: SluiceSettings, count: int) -> list[object]:
 
     assert count % router.records_per_message == 0, "every event routed inside the clock"
     _, routing_s, _, routing_cores = _drain(settings, events, PARTITIONS, count, route, producer)
-    _, applying_s, _, applying_cores = _drain(
-        settings, repartition, PARTITIONS, sent, _parse, None
-    )
+    _, applying_s, _, applying_cores = _drain(settings, repartition, PARTITIONS, sent, _parse, None)
     seconds = routing_s + applying_s
     cores = (routing_cores * routing_s + applying_cores * applying_s) / seconds
     return [count, round(seconds, 2), count / seconds, round(cores, 2)]
