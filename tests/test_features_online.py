@@ -19,12 +19,16 @@ from services.features.client import (
 )
 from services.features.definitions import FeatureRegistry
 from services.features.store import (
+    LOAD_KEYS_PER_CALL,
     CommitBatch,
     CommitConflict,
     StateStore,
+    encode_observation,
     marker_key,
     migrate_snapshots,
+    observation_field,
 )
+from services.features.windows import Observation
 from tests.support import unique
 from tests.test_features_support import DEMO_DEFINITIONS
 
@@ -122,6 +126,34 @@ def test_a_commit_fenced_by_another_writer_writes_nothing(redis):
     assert redis.hgetall(key) == {b"@ts": b"5", b"card_txn_count_1h": b"1.0"}
     assert redis.hget(marker_key(app, 0), "version") == b"1"
     assert redis.pttl(key) > 0
+
+
+def test_stored_windows_load_back_as_their_observations_only(redis):
+    app = unique("load")
+    store = StateStore(redis, app)
+    count = LOAD_KEYS_PER_CALL * 2 + 7  # several script calls in one pipeline
+    batch = CommitBatch()
+    expected = {}
+    for i in range(count):
+        held = [
+            Observation(1_000 + j, "transaction", f"{app}-e{i}-{j}", j % 2, {"amount": 1.5 * j})
+            for j in range(i % 4)
+        ]
+        sets = ["@ts", "1003", "card_txn_count_1h", "3.0"]
+        for observation in held:
+            sets += [
+                observation_field(observation.event_type, observation.event_id),
+                encode_observation(observation),
+            ]
+        batch.write(feature_key("card", f"{app}-c{i}"), sets, expire_at_ms=2**50)
+        expected[("card", f"{app}-c{i}")] = held
+    store.commit(batch)
+    wanted = [*expected, ("card", f"{app}-never-written")]
+    loaded = store.load_observations(wanted)
+    assert len(loaded) == len(wanted)
+    for key, observations in zip(wanted, loaded, strict=True):
+        assert sorted(observations) == expected.get(key, []), key
+    assert store.load_observations([]) == []
 
 
 def test_migrate_snapshots_fills_in_what_an_older_build_wrote_and_keeps_what_exists(redis):
