@@ -18,8 +18,8 @@ or expired values, flagged as defaulted, and the freshness of what was served.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from operator import itemgetter
+from typing import NamedTuple
 
 import orjson
 from redis import Redis
@@ -115,9 +115,10 @@ class UnknownFeature(KeyError):
     """A read named an entity or feature that the definitions do not have."""
 
 
-@dataclass(frozen=True, slots=True)
-class OnlineVector:
-    """Served values of one entity instance: defaults applied where the store had none."""
+class OnlineVector(NamedTuple):
+    """Served values of one entity instance: defaults applied where the store had none. A named
+    tuple: a read of 100 instances makes 100, and a frozen dataclass's `__init__` cost ~1.8 us
+    each (a tenth of the read)."""
 
     entity: str
     entity_id: str
