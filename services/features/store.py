@@ -79,12 +79,13 @@ write `[key, expire_at_ms or "", [field, value, ...], [field to delete, ...], sn
 snapshot]`. Lua's `unpack` takes at most a few thousand values, hence the slices."""
 
 _LOAD_SCRIPT = """
+local prefix = ARGV[1]
 local found = {}
 for i, key in ipairs(KEYS) do
   local flat = redis.call('HGETALL', key)
   local state = {}
   for j = 1, #flat, 2 do
-    if string.byte(flat[j], 1) == 126 then
+    if string.sub(flat[j], 1, #prefix) == prefix then
       state[#state + 1] = flat[j]
       state[#state + 1] = flat[j + 1]
     end
@@ -93,9 +94,10 @@ for i, key in ipairs(KEYS) do
 end
 return found
 """
-"""The window state fields (`~...`, byte 126) of each hash in KEYS, as flat `[field, value, ...]`
-arrays: one command for many keys instead of an HGETALL per key, whose client-side cost (~4 us
-per command in redis-py) was most of the load's time; the feature values stay in Redis."""
+"""The window state fields (those starting with ARGV[1], `STATE_FIELD_PREFIX`) of each hash in
+KEYS, as flat `[field, value, ...]` arrays: one command for many keys instead of an HGETALL per
+key, whose client-side cost (~4 us per command in redis-py) was most of the load's time; the
+feature values stay in Redis."""
 
 LOAD_KEYS_PER_CALL = 200
 """Keys per load script call. A script runs atomically, so slices (pipelined) let other clients'
@@ -227,7 +229,8 @@ class StateStore:
         keys = [feature_key(entity, entity_id) for entity, entity_id in entities]
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(keys), LOAD_KEYS_PER_CALL):
-            self._load(keys=keys[start : start + LOAD_KEYS_PER_CALL], client=pipe)
+            chunk = keys[start : start + LOAD_KEYS_PER_CALL]
+            self._load(keys=chunk, args=[STATE_FIELD_PREFIX], client=pipe)
         return [
             [decode_observation(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
             for reply in pipe.execute()

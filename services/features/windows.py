@@ -322,7 +322,7 @@ class WindowPlan:
             return fields[name]
 
         add_groups: list[list[str]] = []
-        removes_source: list[list[str] | None] = []
+        removes_source: list[tuple[list[str], list[str]] | None] = []  # per group: reads, lines
         fixed_needed: set[str] = set()
         for window_ms, members in self.slides:
             chosen = [member for member in members if mask >> member[0] & 1]
@@ -330,13 +330,15 @@ class WindowPlan:
                 add_groups.append([])
                 removes_source.append(None)
                 continue
-            add, remove = [], []
+            add, remove, reads = [], [], []
             for i, kind, name in chosen:
                 add.append(f"n[{i}] += 1")
                 remove.append(f"n[{i}] -= 1")
                 if kind == _COUNT:
                     continue
                 var = field_var(name)
+                if var not in reads:
+                    reads.append(var)
                 if kind in (_SUM, _MEAN):
                     fixed_needed.add(var)
                     add.append(f"state[{i}] += x{var}")
@@ -351,7 +353,7 @@ class WindowPlan:
                     add.append(f"_insort(state[{i}], {var})")
                     remove += [f"s = state[{i}]", f"del s[_bisect(s, {var}) - 1]"]
             add_groups.append([f"    if ts > clock - {window_ms}:", *(f"        {a}" for a in add)])
-            removes_source.append(remove)
+            removes_source.append((reads, remove))
         for i, kind in enumerate(self.kinds):
             if kind == _LAST and mask >> i & 1:
                 var = field_var(self.specs[i].field)
@@ -366,13 +368,13 @@ class WindowPlan:
         lines += [line for group in add_groups for line in group] or ["    pass"]
         exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own templates
         removes: list[Callable[[list[int], list, Mapping[str, Value]], None] | None] = []
-        for g, remove in enumerate(removes_source):
-            if remove is None:
+        for g, source in enumerate(removes_source):
+            if source is None:
                 removes.append(None)
                 continue
-            used = [var for var in fields.values() if any(var in line for line in remove)]
+            reads, remove = source
             body = [f"def remove{g}(n, state, values):"]
-            body += [f"    {var} = values[F{var[1:]}]" for var in used]
+            body += [f"    {var} = values[F{var[1:]}]" for var in reads]
             body += [f"    {line}" for line in remove]
             exec("\n".join(body), namespace)  # noqa: S102 - generated from our own templates
             removes.append(namespace[f"remove{g}"])  # type: ignore[arg-type]
@@ -512,6 +514,8 @@ class EntityWindow:
         if not mask:
             return False
         clock = self.clock
+        if clock is not None and ts <= clock - plan.max_window_ms:
+            return False
         order_key = (ts, event_type, event_id)
         fold = plan._folds.get(mask) or plan.fold(mask)
         entry = (ts, event_type, event_id, observation, fold.removes)
@@ -521,8 +525,6 @@ class EntityWindow:
             self.clock = clock = ts
             self._times.append(ts)
             self._order.append(entry)
-        elif ts <= clock - plan.max_window_ms:
-            return False
         else:
             index = bisect_right(self._order, order_key)  # no entry shares the key: held
             self._times.insert(index, ts)
