@@ -44,9 +44,8 @@ def redis(cluster) -> Redis:
 
 def store_values(redis: Redis, entity: str, entity_id: str, values: dict, clock: int) -> None:
     """What the features service writes for one entity (docs/features.md)."""
-    mapping = {name: repr(value) for name, value in values.items()} | {"@ts": str(clock)}
-    mapping["~transaction\x1fe1"] = "[0,0,{}]"
-    redis.hset(feature_key(entity, entity_id), mapping=mapping)
+    state = {"@ts": clock, "~transaction\x1fe1": "[0,0,{}]"}
+    redis.hset(feature_key(entity, entity_id), mapping=state)
     redis.set(snapshot_key(entity, entity_id), encode_snapshot(clock, values))
 
 

@@ -253,8 +253,8 @@ def reference_store(
 def read_store(
     redis: Redis, registry: FeatureRegistry, keys: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[int | None, dict[str, float | None]]]:
-    """(clock, values) per entity as stored in Redis; asserts that the snapshot the readers
-    read holds exactly what the hash holds."""
+    """(clock, values) per entity as stored in Redis: the snapshot the readers read; asserts
+    that the hash's clock (`@ts`) is the snapshot's."""
     keys = list(keys)
     pipe = redis.pipeline(transaction=False)
     for entity, entity_id in keys:
@@ -263,18 +263,15 @@ def read_store(
     replies = pipe.execute()
     stored = {}
     for (entity, entity_id), raw, snapshot in zip(keys, replies[::2], replies[1::2], strict=True):
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        clock = int(fields[TS_SUFFIX]) if TS_SUFFIX in fields else None
-        values = {
-            name: float(fields[name]) if name in fields else None
-            for name in registry.plan(entity).names
-        }
+        clock = int(raw[TS_SUFFIX.encode()]) if TS_SUFFIX.encode() in raw else None
+        present: dict[str, float] = {}
         if clock is None:
             assert snapshot is None, (entity, entity_id)
         else:
-            present = {name: value for name, value in values.items() if value is not None}
-            assert orjson.loads(snapshot) == [clock, present], (entity, entity_id)
-        stored[(entity, entity_id)] = (clock, values)
+            snapshot_clock, present = orjson.loads(snapshot)
+            assert snapshot_clock == clock, (entity, entity_id)
+        names = registry.plan(entity).names
+        stored[(entity, entity_id)] = (clock, {name: present.get(name) for name in names})
     return stored
 
 

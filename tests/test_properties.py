@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from schemas.messages import MESSAGE_MODELS, Message, RouteRole, RoutingEntry, RoutingTable
 from services.common.codec import DecodeError, decode, encode
 from services.common.routing import bucket, canary_ranges, route_for, shadows_for
-from services.features.store import float_texts
 from services.features.windows import (
     Aggregation,
     EntityWindow,
@@ -406,18 +405,6 @@ def test_replayed_events_are_counted_once(items, rng):
     replayed = once + [o for o in once if rng.random() < 0.5]
     rng.shuffle(replayed)
     assert values_after(specs, replayed) == values_after(specs, once)
-
-
-# -- the feature hash's value text ----------------------------------------------------------------
-
-EDGE_FLOATS = [0.0, -0.0, 1e-4, 9.999e-5, 1e-5, 1e-7, 1e15, 9999999999999998.0, 1e16, 1e22]
-EDGE_FLOATS += [5e-324, 1.7976931348623157e308, math.nan, math.inf, -math.inf, 100.00001]
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.lists(st.floats() | st.sampled_from(EDGE_FLOATS), max_size=20))
-def test_float_texts_are_exactly_repr_whatever_the_magnitude(values):
-    assert float_texts(values) == [repr(value) for value in values]
 
 
 # -- routing --------------------------------------------------------------------------------------

@@ -6,9 +6,8 @@ Layout (specified in docs/features.md, "Redis key layout"), per entity instance:
   every value of the instance and the event time (epoch ms) of the newest event behind them.
   This is what the readers read: one `MGET` fetches any number of instances in one round trip,
   with no server-side script (a script's per-key calls cost Redis ~12x more CPU than `MGET`).
-- a **hash**, `sluice:fv:{entity}:{entity_id}`: the same values one field per feature
-  (`{feature}` -> decimal string) with `@ts` (the clock), for humans and tools, and the features
-  service's private window state.
+- a **hash**, `sluice:fv:{entity}:{entity_id}`: the features service's private window state
+  and `@ts` (the clock); no reader needs it.
 
 Both expire with the entity's TTL. Two readers: `read_snapshots` returns what is stored (callers
 apply defaults themselves); `read_online` applies the definitions: declared defaults for missing
@@ -96,19 +95,12 @@ def write_features(
     event_ms: Mapping[str, int],
     ttl_s: int | None = None,
 ) -> None:
-    """Seed one entity instance (tests, benchmarks, backfills) in one round trip: its snapshot
-    is replaced by `values` as of the newest of `event_ms`, and the hash gets the values and,
-    per feature, `{feature}@ts`."""
+    """Seed one entity instance (tests, benchmarks, backfills): its snapshot is replaced by
+    `values` as of the newest of `event_ms`. The features service's window state is left alone
+    (its next event for the instance writes the snapshot from its own windows)."""
     values = {name: float(value) for name, value in values.items()}
     clock = max((int(ms) for ms in event_ms.values()), default=0)
-    mapping: dict[str, str] = {name: repr(value) for name, value in values.items()}
-    mapping.update({name + TS_SUFFIX: str(int(ms)) for name, ms in event_ms.items()})
-    pipe = redis.pipeline(transaction=True)
-    pipe.hset(feature_key(entity, entity_id), mapping=mapping)
-    pipe.set(snapshot_key(entity, entity_id), encode_snapshot(clock, values), ex=ttl_s or None)
-    if ttl_s:
-        pipe.expire(feature_key(entity, entity_id), ttl_s)
-    pipe.execute()
+    redis.set(snapshot_key(entity, entity_id), encode_snapshot(clock, values), ex=ttl_s or None)
 
 
 class UnknownFeature(KeyError):

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from itertools import chain
 from typing import NamedTuple
 
 import orjson
@@ -46,7 +45,6 @@ from services.features.store import (
     PartitionMarkers,
     StateStore,
     encode_observation,
-    float_texts,
     marker_field,
     marker_key,
     observation_field,
@@ -280,6 +278,7 @@ class Applier:
         in_flight: Future | None = None
         changed = 0
         try:
+            self._load(touched_partitions, chunks)
             for chunk in chunks:
                 started = time.perf_counter()
                 batch, count = self._prepare(chunk)
@@ -298,6 +297,30 @@ class Applier:
             self._windows.popitem(last=False)
         return changed
 
+    def _load(self, partitions: set[int], chunks: list[list[tuple[int, dict]]]) -> None:
+        """Load the markers and windows the chunks need that are not cached, all before the
+        first commit is sent: Redis runs one command at a time, so a load sent while a commit
+        runs waits for it (measured: ~13% of the worker's time on a backlog of new cards)."""
+        wanted = sorted(p for p in partitions if p not in self._markers)
+        if wanted:
+            self._markers.update(self.store.load_markers(wanted))
+        windows = self._windows
+        missing = sorted(
+            {
+                (update[3], update[4])
+                for chunk in chunks
+                for _partition, body in chunk
+                for section in body["s"]
+                for update in section[5]
+            }.difference(windows)
+        )
+        for key, stored in zip(missing, self.store.load_observations(missing), strict=True):
+            window = EntityWindow(self.plans[key[0]].windows)
+            for observation in stored:
+                window.apply(observation)
+            window.clear_changes()
+            windows[key] = window
+
     def _commit(self, batch: CommitBatch, started: float) -> None:
         self.store.commit(batch)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -305,9 +328,6 @@ class Applier:
     def _prepare(self, decoded: list[tuple[int, dict]]) -> tuple[CommitBatch, int]:
         """Fold one chunk into the windows and build its commit; the cached markers move on as
         if the commit succeeded (`_apply_chunks` forgets them if it does not)."""
-        wanted = sorted({p for p, _ in decoded if p not in self._markers})
-        if wanted:
-            self._markers.update(self.store.load_markers(wanted))
         markers = {p: dict(self._markers[p].applied) for p, _ in decoded}
         pending: list[tuple[tuple[str, str], Observation]] = []
         replayed = 0
@@ -339,17 +359,9 @@ class Applier:
     def _fold(
         self, pending: list[tuple[tuple[str, str], Observation]]
     ) -> tuple[dict[tuple[str, str], EntityWindow], int]:
-        """Apply observations to their windows (loading missing ones); returns the changed
-        windows and how many observations changed one."""
+        """Apply observations to their windows (`_load` put them in the cache); returns the
+        changed windows and how many observations changed one."""
         windows = self._windows
-        missing = sorted({key for key, _ in pending if key not in windows})
-        if missing:
-            for key, stored in zip(missing, self.store.load_observations(missing), strict=True):
-                window = EntityWindow(self.plans[key[0]].windows)
-                for observation in stored:
-                    window.apply(observation)
-                window.clear_changes()
-                windows[key] = window
         touched: dict[tuple[str, str], EntityWindow] = {}
         counts: dict[str, int] = {}
         late = self.metrics.late
@@ -388,24 +400,19 @@ class Applier:
             clock = window.clock
             assert clock is not None
             values = window.values()
-            missing: list[str] = []
             if None in values.values():
-                missing = [name for name, value in values.items() if value is None]
                 values = {name: value for name, value in values.items() if value is not None}
-            texts = float_texts(list(values.values()))
             sets = [ENTITY_TS_FIELD, str(clock)]
-            sets += chain.from_iterable(zip(values, texts, strict=True))
             for observation in window.added.values():
                 sets += (
                     observation_field(observation.event_type, observation.event_id),
                     encode_observation(observation),
                 )
-            if window.removed:
-                missing += [observation_field(t, i) for t, i in window.removed]
+            removed = window.removed
             batch.write(
                 feature_key(entity, entity_id),
                 sets,
-                missing,
+                [observation_field(t, i) for t, i in removed] if removed else None,
                 clock + ttls[entity],
                 (snapshot_key(entity, entity_id), encode_snapshot(clock, values).decode()),
             )
