@@ -326,10 +326,14 @@ class Applier:
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
     def _prepare(self, decoded: list[tuple[int, dict]]) -> tuple[CommitBatch, int]:
-        """Fold one chunk into the windows and build its commit; the cached markers move on as
-        if the commit succeeded (`_apply_chunks` forgets them if it does not)."""
+        """Fold one chunk into the windows (`_load` cached them) and build its commit; the
+        cached markers move on as if the commit succeeded (`_apply_chunks` forgets them if it
+        does not). The cache's order is least recently changed first."""
         markers = {p: dict(self._markers[p].applied) for p, _ in decoded}
-        pending: list[tuple[tuple[str, str], Observation]] = []
+        windows = self._windows
+        touched: dict[tuple[str, str], EntityWindow] = {}
+        counts: dict[str, int] = {}
+        late = self.metrics.late
         replayed = 0
         for partition, body in decoded:
             applied = markers[partition]
@@ -339,45 +343,33 @@ class Applier:
                     if offset <= offset_mark:
                         replayed += 1
                         continue
-                    mark = max(watermark, before)
-                    late = lateness_ms(mark if mark != _NO_TIME else None, ts)
-                    observation = Observation(ts, event_type, event_id, late, values)
-                    pending.append(((entity, entity_id), observation))
+                    # _NO_TIME (-1) is below every event time: lateness 0, as with no watermark
+                    lateness = lateness_ms(watermark if watermark > before else before, ts)
+                    observation = Observation(ts, event_type, event_id, lateness, values)
+                    key = (entity, entity_id)
+                    window = windows[key]
+                    if window.apply(observation):
+                        touched[key] = window
+                        counts[entity] = counts.get(entity, 0) + 1
+                    if lateness:
+                        for spec in window.plan.specs:
+                            if spec.rejects_as_late(observation):
+                                late.labels(spec.name).inc()
                 if last > offset_mark:
                     applied[(topic, source)] = (last, max(watermark, high))
-        touched, changed = self._fold(pending)
+        for key in touched:
+            windows.move_to_end(key)
         batch = self._commit_batch(touched, markers)
         for partition, applied in markers.items():
             self._markers[partition].applied = applied
             self._markers[partition].version += 1
         for window in touched.values():
             window.clear_changes()
-        self.metrics.replayed.inc(replayed)
-        self.metrics.entities_written.inc(len(touched))
-        return batch, changed
-
-    def _fold(
-        self, pending: list[tuple[tuple[str, str], Observation]]
-    ) -> tuple[dict[tuple[str, str], EntityWindow], int]:
-        """Apply observations to their windows (`_load` put them in the cache); returns the
-        changed windows and how many observations changed one."""
-        windows = self._windows
-        touched: dict[tuple[str, str], EntityWindow] = {}
-        counts: dict[str, int] = {}
-        late = self.metrics.late
-        for key, observation in pending:
-            window = windows[key]
-            windows.move_to_end(key)
-            if window.apply(observation):
-                touched[key] = window
-                counts[key[0]] = counts.get(key[0], 0) + 1
-            if observation.lateness_ms:
-                for spec in window.plan.specs:
-                    if spec.rejects_as_late(observation):
-                        late.labels(spec.name).inc()
         for entity, count in counts.items():
             self.metrics.observations.labels(entity).inc(count)
-        return touched, sum(counts.values())
+        self.metrics.replayed.inc(replayed)
+        self.metrics.entities_written.inc(len(touched))
+        return batch, sum(counts.values())
 
     def _commit_batch(
         self,
