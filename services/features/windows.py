@@ -244,8 +244,8 @@ class WindowPlan:
     """
 
     __slots__ = ("specs", "names", "max_window_ms", "min_window_ms", "kinds", "_filters",
-                 "_fields", "_always", "slides", "_mask", "_folds", "values",
-                 "fresh_state")  # fmt: skip
+                 "_fields", "_always", "slides", "slide_windows", "_mask", "_folds",
+                 "values", "fresh_state")  # fmt: skip
 
     def __init__(self, specs: Sequence[WindowSpec]) -> None:
         if not specs:
@@ -280,6 +280,7 @@ class WindowPlan:
         ]
         self.slides = sorted(slides.items())
         """`(window_ms, [(feature index, kind, field)])`: features whose state slides together."""
+        self.slide_windows = tuple(window_ms for window_ms, _members in self.slides)
         self.min_window_ms = self.slides[0][0] if self.slides else self.max_window_ms
         self._mask = self._compile_mask()
         self._folds: dict[int, Fold] = {}
@@ -292,7 +293,7 @@ class WindowPlan:
 
     def mask(self, observation: Observation) -> int:
         """Bit `i` set when feature `i` accepts the observation (see `WindowSpec.accepts`)."""
-        return self._mask(observation)
+        return self._mask(observation.values, observation.event_type, observation.lateness_ms)
 
     def fold(self, mask: int) -> Fold:
         """The generated code that adds (and, per slide group, removes) an observation whose
@@ -305,10 +306,11 @@ class WindowPlan:
     def _compile_fold(self, mask: int) -> Fold:
         """Straight-line `add` and `remove` bodies for one mask, so the stream never loops over
         features or branches on their aggregation per observation. `add(n, state, values, ts,
-        clock, order_key)` folds into each slide group whose window holds `ts` and into the
-        `last` features it beats; `removes[g](n, state, values)` takes the observation out of
-        slide group `g` (None when it feeds none). A `last` state is `(order key, value)` of the
-        greatest observation its feature accepted: it never slides, since once that one leaves
+        clock, entry)` folds into each slide group whose window holds `ts` and into the `last`
+        features it beats; `removes[g](n, state, values)` takes the observation out of slide
+        group `g` (None when it feeds none). A `last` state is `(entry, value)` of the greatest
+        observation its feature accepted (an `EntityWindow` entry, which orders by
+        `(ts, event_type, event_id)`): it never slides, since once that one leaves
         the window every other accepted one has too (`values` then reads None)."""
         namespace: dict[str, object] = {
             "_fixed": fixed_point, "_insort": insort, "_bisect": bisect_right
@@ -332,8 +334,9 @@ class WindowPlan:
                 continue
             add, remove, reads = [], [], []
             for i, kind, name in chosen:
-                add.append(f"n[{i}] += 1")
-                remove.append(f"n[{i}] -= 1")
+                if kind in (_COUNT, _MEAN):  # the only values that read a count
+                    add.append(f"n[{i}] += 1")
+                    remove.append(f"n[{i}] -= 1")
                 if kind == _COUNT:
                     continue
                 var = field_var(name)
@@ -359,11 +362,11 @@ class WindowPlan:
                 var = field_var(self.specs[i].field)
                 add_groups.append([
                     f"    current = state[{i}]",
-                    "    if current is None or order_key > current[0]:",
-                    f"        state[{i}] = (order_key, {var})",
+                    "    if current is None or entry > current[0]:",
+                    f"        state[{i}] = (entry, {var})",
                 ])  # fmt: skip
         reads = [f"    {var} = values[F{var[1:]}]" for var in fields.values()]
-        lines = ["def add(n, state, values, ts, clock, order_key):", *reads]
+        lines = ["def add(n, state, values, ts, clock, entry):", *reads]
         lines += [f"    x{var} = _fixed({var})" for var in fields.values() if var in fixed_needed]
         lines += [line for group in add_groups for line in group] or ["    pass"]
         exec("\n".join(lines), namespace)  # noqa: S102 - generated from our own templates
@@ -380,21 +383,16 @@ class WindowPlan:
             removes.append(namespace[f"remove{g}"])  # type: ignore[arg-type]
         return Fold(namespace["add"], tuple(removes))  # type: ignore[arg-type]
 
-    def _compile_mask(self) -> Callable[[Observation], int]:
-        """Generate the body of `mask` as straight-line Python, once per entity.
+    def _compile_mask(self) -> Callable[[Mapping[str, Value], str, int], int]:
+        """Generate `mask(values, event_type, lateness)` as straight-line Python, once per
+        entity.
 
         The stream evaluates it for every observation, so loops over features, fields and
         conditions are unrolled. User values never become source text: constants are passed in
         the function's namespace by name.
         """
         namespace: dict[str, object] = {"_finite": math.isfinite}
-        lines = [
-            "def mask(observation):",
-            "    values = observation.values",
-            "    event_type = observation.event_type",
-            "    lateness = observation.lateness_ms",
-            f"    usable = {self._always}",
-        ]
+        lines = ["def mask(values, event_type, lateness):", f"    usable = {self._always}"]
         for n, (name, numeric_bits, present_bits) in enumerate(self._fields):
             namespace[f"F{n}"] = name
             lines += [
@@ -429,7 +427,7 @@ class WindowPlan:
             window = self.specs[i].window_ms
             value = {
                 _COUNT: f"float(n[{i}])",
-                _SUM: f"(_fixed(state[{i}]) if n[{i}] else 0.0)",
+                _SUM: f"_fixed(state[{i}])",  # 0.0 when empty
                 _MEAN: f"(_fixed(state[{i}]) / n[{i}] if n[{i}] else None)",
                 _DISTINCT: f"float(len(state[{i}]))",
                 _MIN: f"(state[{i}][0] if state[{i}] else None)",
@@ -453,7 +451,7 @@ class WindowPlan:
 class Fold(NamedTuple):
     """What `WindowPlan.fold` generates for one mask."""
 
-    add: Callable[[list[int], list, Mapping[str, Value], int, int, tuple[int, str, str]], None]
+    add: Callable[[list[int], list, Mapping[str, Value], int, int, tuple], None]
     removes: tuple[Callable[[list[int], list, Mapping[str, Value]], None] | None, ...]
 
 
@@ -480,9 +478,9 @@ class EntityWindow:
     (`observations()`); `added`/`removed` record what changed since `clear_changes()`, for
     incremental persistence.
 
-    Per feature it keeps the number of values in its window and, by aggregation, the exact sum
-    in fixed point (sum, mean), a sorted list (min, max) or value counts (distinct_count), and
-    for `last` the greatest accepted observation's order key and value.
+    Per feature, by aggregation: the number of values in its window (count, mean), the exact
+    sum in fixed point (sum, mean), a sorted list (min, max), value counts (distinct_count), or
+    for `last` the greatest accepted observation's entry and value.
     """
 
     __slots__ = ("plan", "clock", "_times", "_order", "_held", "_n", "_state", "added",
@@ -493,8 +491,9 @@ class EntityWindow:
         self.clock: int | None = None
         self._times: list[int] = []
         self._order: list[tuple[int, str, str, Observation, tuple]] = []
-        """Per held observation, sorted by its order key `(ts, event_type, event_id)`: the key's
-        parts, the observation and its fold's `removes` (so sliding needs no lookups)."""
+        """Per held observation, sorted by `(ts, event_type, event_id)` (an entry's first
+        three items, unique among held ones): those, the observation and its fold's `removes`
+        (so sliding needs no lookups)."""
         self._held: set[ObservationKey] = set()
         self._n = [0] * len(plan.kinds)
         self._state: list = plan.fresh_state()
@@ -504,21 +503,22 @@ class EntityWindow:
     def apply(self, observation: Observation) -> bool:
         """Fold `observation` into every feature that accepts it; False when it changes nothing
         (accepted by none, a duplicate, or older than the largest window)."""
-        ts, event_type, event_id, _late, values = observation
+        ts, event_type, event_id, lateness, values = observation
         key = (event_type, event_id)
         held = self._held
         if key in held:
             return False
         plan = self.plan
-        mask = plan._mask(observation)
+        mask = plan._mask(values, event_type, lateness)
         if not mask:
             return False
         clock = self.clock
         if clock is not None and ts <= clock - plan.max_window_ms:
             return False
-        order_key = (ts, event_type, event_id)
-        fold = plan._folds.get(mask) or plan.fold(mask)
-        entry = (ts, event_type, event_id, observation, fold.removes)
+        add, removes = plan._folds.get(mask) or plan.fold(mask)
+        # The entry is its own order key: no two held entries share (ts, event_type, event_id),
+        # so comparisons never reach the observation.
+        entry = (ts, event_type, event_id, observation, removes)
         if clock is None or ts > clock:
             if clock is not None and self._times[0] <= ts - plan.min_window_ms:
                 self._slide(clock, ts)  # something leaves a window (the test is the cheap part)
@@ -526,12 +526,12 @@ class EntityWindow:
             self._times.append(ts)
             self._order.append(entry)
         else:
-            index = bisect_right(self._order, order_key)  # no entry shares the key: held
+            index = bisect_right(self._order, entry)
             self._times.insert(index, ts)
             self._order.insert(index, entry)
         held.add(key)
         self.added[key] = observation
-        fold.add(self._n, self._state, values, ts, clock, order_key)
+        add(self._n, self._state, values, ts, clock, entry)
         if self._times[0] <= clock - plan.max_window_ms:  # anything to forget
             self._prune(clock - plan.max_window_ms)
         return True
@@ -540,13 +540,12 @@ class EntityWindow:
         """Remove from each feature what its window leaves as the clock advances."""
         times, order = self._times, self._order
         n, state = self._n, self._state
-        for group, (window_ms, _members) in enumerate(self.plan.slides):
-            if times[0] > new_clock - window_ms:
+        for group, window_ms in enumerate(self.plan.slide_windows):
+            edge = new_clock - window_ms
+            if times[0] > edge:
                 return  # nothing leaves this window, nor the longer ones after it
             start = bisect_right(times, old_clock - window_ms)
-            stop = bisect_right(times, new_clock - window_ms)
-            for j in range(start, stop):
-                _ts, _type, _id, observation, removes = order[j]
+            for _ts, _type, _id, observation, removes in order[start : bisect_right(times, edge)]:
                 remove = removes[group]
                 if remove is not None:
                     remove(n, state, observation.values)
