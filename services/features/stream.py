@@ -158,32 +158,29 @@ class Router:
         updates_by_target: list[dict[tuple[str, int], list]] = [{} for _ in range(self.partitions)]
         plans, partitions = self.plans, self.partitions
         counts: dict[str, int] = {}
-        for record in records:
-            source = (record.topic, record.partition)
+        for topic, source_partition, offset, event in records:
+            source = (topic, source_partition)
             section = sections.get(source)
             if section is None:
-                section = sections[source] = [record.offset, record.offset, _NO_TIME]
-            event = record.event
+                section = sections[source] = [offset, offset, _NO_TIME]
             before = section[2]
-            section[1] = record.offset
-            if event.ts_ms > before:
-                section[2] = event.ts_ms
-            counts[record.topic] = counts.get(record.topic, 0) + 1
+            section[1] = offset
+            ts = event.ts_ms
+            if ts > before:
+                section[2] = ts
+            counts[topic] = counts.get(topic, 0) + 1
+            event_type = event.event_type
             for entity, entity_id in event.entities.items():
                 plan = plans.get(entity)
-                if (
-                    plan is None
-                    or event.event_type not in plan.event_types
-                    or record.topic not in plan.sources
-                ):
+                if plan is None or event_type not in plan.event_types or topic not in plan.sources:
                     continue
                 update = [
-                    record.offset,
+                    offset,
                     before,
-                    event.ts_ms,
+                    ts,
                     entity,
                     entity_id,
-                    event.event_type,
+                    event_type,
                     event.event_id,
                     plan.extract(event.fields, event.entities),
                 ]
