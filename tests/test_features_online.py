@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 from redis import Redis
 
+from schemas.messages import Event
 from services.features.client import (
     UnknownFeature,
     encode_snapshot,
@@ -28,6 +30,7 @@ from services.features.store import (
     migrate_snapshots,
     observation_field,
 )
+from services.features.stream import Applier, Router, SourceRecord
 from services.features.windows import Observation
 from tests.support import unique
 from tests.test_features_support import DEMO_DEFINITIONS
@@ -153,6 +156,44 @@ def test_stored_windows_load_back_as_their_observations_only(redis):
     for key, observations in zip(wanted, loaded, strict=True):
         assert sorted(observations) == expected.get(key, []), key
     assert store.load_observations([]) == []
+
+
+def test_the_hash_holds_the_clock_and_window_state_and_the_snapshot_holds_the_values(redis):
+    registry = FeatureRegistry.load(DEMO_DEFINITIONS).with_source("t")
+    app = unique("layout")
+    now = int(time.time() * 1000)  # the keys expire at clock + TTL
+    events = [
+        Event(
+            event_id=f"{app}-e{i}",
+            event_type="transaction",
+            ts_ms=now + i,
+            entities={"card": f"{app}-c", "merchant": f"{app}-m{i % 2}"},
+            fields={"amount": 2.5 * i, "channel": "online", "country": "US"},
+        )
+        for i in range(4)
+    ]
+    records = [SourceRecord("t", 0, i, event) for i, event in enumerate(events)]
+    router = Router(registry, 8)
+    # Chunks of a few observations: an apply loads every window before its first commit.
+    Applier(registry, StateStore(redis, app), 8, max_commit_observations=2).apply(
+        router.route(records[:2])
+    )
+    # A second process carries on from what the first committed.
+    Applier(registry, StateStore(redis, app), 8, max_commit_observations=2).apply(
+        router.route(records[2:])
+    )
+    stored = redis.hgetall(feature_key("card", f"{app}-c"))
+    assert stored.pop(b"@ts") == str(now + 3).encode()
+    assert sorted(stored) == sorted(
+        observation_field("transaction", event.event_id).encode() for event in events
+    ), "no feature values in the hash"
+    clock, values = orjson.loads(redis.get(snapshot_key("card", f"{app}-c")))
+    assert clock == now + 3
+    assert values["card_txn_count_1h"] == 4.0
+    assert values["card_amount_sum_1h"] == 15.0
+    assert values["card_last_amount"] == 7.5
+    clock, values = orjson.loads(redis.get(snapshot_key("merchant", f"{app}-m1")))
+    assert (clock, values["merchant_txn_count_1h"]) == (now + 3, 2.0)
 
 
 def test_migrate_snapshots_fills_in_what_an_older_build_wrote_and_keeps_what_exists(redis):
