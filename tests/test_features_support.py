@@ -263,14 +263,16 @@ def read_store(
     replies = pipe.execute()
     stored = {}
     for (entity, entity_id), raw, snapshot in zip(keys, replies[::2], replies[1::2], strict=True):
-        clock = int(raw[TS_SUFFIX.encode()]) if TS_SUFFIX.encode() in raw else None
+        stamp = raw.get(TS_SUFFIX.encode())
+        clock = int(stamp) if stamp is not None else None
+        names = registry.plan(entity).names
         present: dict[str, float] = {}
         if clock is None:
             assert snapshot is None, (entity, entity_id)
         else:
             snapshot_clock, present = orjson.loads(snapshot)
             assert snapshot_clock == clock, (entity, entity_id)
-        names = registry.plan(entity).names
+            assert set(present) <= set(names), (entity, entity_id, "only its features")
         stored[(entity, entity_id)] = (clock, {name: present.get(name) for name in names})
     return stored
 

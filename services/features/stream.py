@@ -304,7 +304,7 @@ class Applier:
         windows = self._windows
         missing = sorted(
             {
-                (update[3], update[4])
+                (update[3], update[4])  # (entity, entity id): see `Router._route_slice`
                 for chunk in chunks
                 for _partition, body in chunk
                 for section in body["s"]
