@@ -28,7 +28,7 @@ class FeaturesSettings(SluiceSettings):
     features_runtime: Literal["faust", "worker"] = Field(
         "faust",
         description="What drives the stream: the faust-streaming app, or the shared "
-        "confluent-kafka worker loop (`services.common.worker`), 2-3x faster per process.",
+        "confluent-kafka worker loop (`services.common.worker`), 3-4x faster per process.",
     )
     features_repartition_topic: str = Field(
         "sluice.features.repartition",
