@@ -196,6 +196,39 @@ def test_the_hash_holds_the_clock_and_window_state_and_the_snapshot_holds_the_va
     assert (clock, values["merchant_txn_count_1h"]) == (now + 3, 2.0)
 
 
+def test_an_event_id_used_again_after_its_first_copy_left_the_windows_stays_stored(redis):
+    """Reused ids (a producer bug) must not break crash consistency: the commit that forgets
+    the first copy and holds the second deletes the field before it writes it again, so a
+    reload holds what the running process holds."""
+    registry = FeatureRegistry.load(DEMO_DEFINITIONS).with_source("t")
+    app = unique("reuse")
+    now = int(time.time() * 1000)
+    day = 24 * 3_600_000  # the card's largest window
+
+    def event(event_id: str, ts: int, amount: float) -> Event:
+        return Event(
+            event_id=f"{app}-{event_id}",
+            event_type="transaction",
+            ts_ms=ts,
+            entities={"card": f"{app}-c", "merchant": f"{app}-m"},
+            fields={"amount": amount},
+        )
+
+    events = [event("r", now - day - 60_000, 1.0), event("b", now, 2.0), event("r", now + 1, 4.0)]
+    records = [SourceRecord("t", 0, i, e) for i, e in enumerate(events)]
+    router = Router(registry, 8)
+    running = Applier(registry, StateStore(redis, app), 8)
+    running.apply(router.route(records[:1]))
+    running.apply(router.route(records[1:]))  # forgets the first "r", holds the second
+    field = observation_field("transaction", f"{app}-r").encode()
+    stored = redis.hgetall(feature_key("card", f"{app}-c"))
+    assert orjson.loads(stored[field])[0] == now + 1
+    (reloaded,) = StateStore(redis, app).load_observations([("card", f"{app}-c")])
+    held = running._windows[("card", f"{app}-c")].observations()
+    assert sorted(reloaded) == sorted(held)
+    assert [o.ts for o in sorted(held)] == [now, now + 1]
+
+
 def test_migrate_snapshots_fills_in_what_an_older_build_wrote_and_keeps_what_exists(redis):
     prefix = unique("migrate")
     service = feature_key("card", f"{prefix}-service")

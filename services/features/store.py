@@ -54,11 +54,11 @@ for _, fence in ipairs(batch[1]) do
 end
 for _, write in ipairs(batch[2]) do
   local key, expire, sets, deletes = write[1], write[2], write[3], write[4]
-  for i = 1, #sets, 7998 do
-    redis.call('HSET', key, unpack(sets, i, math.min(i + 7997, #sets)))
-  end
   for i = 1, #deletes, 7998 do
     redis.call('HDEL', key, unpack(deletes, i, math.min(i + 7997, #deletes)))
+  end
+  for i = 1, #sets, 7998 do
+    redis.call('HSET', key, unpack(sets, i, math.min(i + 7997, #sets)))
   end
   if expire ~= '' then redis.call('PEXPIREAT', key, expire) end
   if write[5] ~= '' then
@@ -76,7 +76,9 @@ return {1}
 """
 """One JSON argument `[[fence...], [write...]]`: a fence is `[key, expected, new version]`, a
 write `[key, expire_at_ms or "", [field, value, ...], [field to delete, ...], snapshot key or "",
-snapshot]`. Lua's `unpack` takes at most a few thousand values, hence the slices."""
+snapshot]`. Deletes go first: a field can be in both when an event id comes again after its
+first copy left every window. Lua's `unpack` takes at most a few thousand values, hence the
+slices."""
 
 _LOAD_SCRIPT = """
 local prefix = ARGV[1]
@@ -169,7 +171,7 @@ class CommitBatch:
         expire_at_ms: int | None = None,
         snapshot: tuple[str, str] | None = None,
     ) -> None:
-        """HSET the flat field/value pairs `sets`, HDEL `deletes`, then PEXPIREAT if given;
+        """HDEL `deletes`, HSET the flat field/value pairs `sets`, then PEXPIREAT if given;
         `snapshot` is a `(key, value)` string to SET with the same expiry."""
         expire = "" if expire_at_ms is None else str(expire_at_ms)
         snapshot_key, snapshot_value = snapshot or ("", "")
