@@ -260,7 +260,11 @@ def test_added_and_removed_track_what_to_persist():
     window.clear_changes()
     window.apply(obs(2 * MIN, event_id="b"))
     assert set(window.added) == {("tx", "b")}
-    assert window.removed == {("tx", "a")}
+    assert window.removed == [("tx", "a")]
+    window.apply(obs(2 * MIN + 1, event_id="a"))  # the id again, after its first copy left
+    assert set(window.added) == {("tx", "b"), ("tx", "a")}
+    assert window.removed == [("tx", "a")]  # the commit deletes the stored copy, then writes
+    assert window.values() == {"n": 2.0}
 
 
 observation_strategy = st.builds(

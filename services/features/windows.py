@@ -289,7 +289,8 @@ class WindowPlan:
         as one dict literal, generated once."""
         self.fresh_state: Callable[[], list] = self._compile_fresh_state()
         """A new empty state list: per feature `0` (exact sum), `[]` (sorted values), `{}`
-        (value counts) or `None` (no `last` yet), as one list display."""
+        (value counts) or `None` (a count, which lives in the counts; no `last` yet), as one
+        list display."""
 
     def mask(self, observation: Observation) -> int:
         """Bit `i` set when feature `i` accepts the observation (see `WindowSpec.accepts`)."""
@@ -441,7 +442,7 @@ class WindowPlan:
         return namespace["values"]  # type: ignore[return-value]
 
     def _compile_fresh_state(self) -> Callable[[], list]:
-        empty = {_DISTINCT: "{}", _SUM: "0", _MEAN: "0", _LAST: "None"}
+        empty = {_COUNT: "None", _DISTINCT: "{}", _SUM: "0", _MEAN: "0", _LAST: "None"}
         items = ", ".join(empty.get(kind, "[]") for kind in self.kinds)
         namespace: dict[str, object] = {}
         exec(f"def fresh_state():\n    return [{items}]", namespace)  # noqa: S102 - our template
@@ -490,15 +491,19 @@ class EntityWindow:
         self.plan = plan
         self.clock: int | None = None
         self._times: list[int] = []
-        self._order: list[tuple[int, str, str, Observation, tuple]] = []
+        self._order: list[tuple[int, str, str, int, Mapping[str, Value], tuple]] = []
         """Per held observation, sorted by `(ts, event_type, event_id)` (an entry's first
-        three items, unique among held ones): those, the observation and its fold's `removes`
-        (so sliding needs no lookups)."""
+        three items, unique among held ones): the observation's fields in `Observation`'s
+        order, then its fold's `removes` (so sliding needs no lookups). An entry replaces the
+        `Observation`, which is not kept: one object per held observation, not two."""
         self._held: set[ObservationKey] = set()
         self._n = [0] * len(plan.kinds)
         self._state: list = plan.fresh_state()
         self.added: dict[ObservationKey, Observation] = {}
-        self.removed: set[ObservationKey] = set()
+        self.removed: list[ObservationKey] = []
+        """Keys forgotten since `clear_changes()` that were persisted before it (each once: a
+        forgotten key is never held again, short of a reused event id, which lands in
+        `added`)."""
 
     def apply(self, observation: Observation) -> bool:
         """Fold `observation` into every feature that accepts it; False when it changes nothing
@@ -517,8 +522,8 @@ class EntityWindow:
             return False
         add, removes = plan._folds.get(mask) or plan.fold(mask)
         # The entry is its own order key: no two held entries share (ts, event_type, event_id),
-        # so comparisons never reach the observation.
-        entry = (ts, event_type, event_id, observation, removes)
+        # so comparisons never reach the rest.
+        entry = (ts, event_type, event_id, lateness, values, removes)
         if clock is None or ts > clock:
             if clock is not None and self._times[0] <= ts - plan.min_window_ms:
                 self._slide(clock, ts)  # something leaves a window (the test is the cheap part)
@@ -545,21 +550,21 @@ class EntityWindow:
             if times[0] > edge:
                 return  # nothing leaves this window, nor the longer ones after it
             start = bisect_right(times, old_clock - window_ms)
-            for _ts, _type, _id, observation, removes in order[start : bisect_right(times, edge)]:
-                remove = removes[group]
+            for entry in order[start : bisect_right(times, edge)]:
+                remove = entry[5][group]
                 if remove is not None:
-                    remove(n, state, observation.values)
+                    remove(n, state, entry[4])
 
     def _prune(self, horizon: int) -> None:
         """Forget observations at or before `horizon` (outside every window already)."""
         stop = bisect_right(self._times, horizon)
         if not stop:
             return
-        for _ts, event_type, event_id, _observation, _removes in self._order[:stop]:
-            key = (event_type, event_id)
+        for entry in self._order[:stop]:
+            key = (entry[1], entry[2])
             self._held.remove(key)
             if self.added.pop(key, None) is None:
-                self.removed.add(key)
+                self.removed.append(key)
         del self._times[:stop]
         del self._order[:stop]
 
@@ -572,9 +577,9 @@ class EntityWindow:
 
     def observations(self) -> list[Observation]:
         """The observations held (inside the largest window), oldest first."""
-        return [entry[3] for entry in self._order]
+        return [Observation(*entry[:5]) for entry in self._order]
 
     def clear_changes(self) -> None:
         """Forget `added`/`removed` once they are persisted."""
         self.added = {}
-        self.removed = set()
+        self.removed = []
