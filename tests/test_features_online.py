@@ -224,9 +224,12 @@ def test_an_event_id_used_again_after_its_first_copy_left_the_windows_stays_stor
     stored = redis.hgetall(feature_key("card", f"{app}-c"))
     assert orjson.loads(stored[field])[0] == now + 1
     (reloaded,) = StateStore(redis, app).load_observations([("card", f"{app}-c")])
-    held = running._windows[("card", f"{app}-c")].observations()
-    assert sorted(reloaded) == sorted(held)
-    assert [o.ts for o in sorted(held)] == [now, now + 1]
+    assert [(o.ts, o.event_id, o.values["amount"]) for o in sorted(reloaded)] == [
+        (now, f"{app}-b", 2.0),
+        (now + 1, f"{app}-r", 4.0),
+    ]
+    _clock, values = orjson.loads(redis.get(snapshot_key("card", f"{app}-c")))
+    assert values["card_txn_count_24h"] == 2.0
 
 
 def test_migrate_snapshots_fills_in_what_an_older_build_wrote_and_keeps_what_exists(redis):
