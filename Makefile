@@ -1,6 +1,6 @@
 # Sluiceway developer commands. `make run` and `make test` install what they need first.
 PYTHON ?= python3
-STAMP := .sluice/.installed-$(shell cat pyproject.toml deploy/local/apt-packages.txt | sha1sum | cut -c1-12)
+STAMP := .sluice/.installed-$(shell cat pyproject.toml deploy/local/apt-packages.txt deploy/local/kafka/pom.xml | sha1sum | cut -c1-12)
 COMPOSE ?= docker compose -f deploy/docker-compose.yml
 PYTEST_ARGS ?=
 
@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml deploy/local/apt-packages.txt deploy/local/install.sh
+$(STAMP): pyproject.toml deploy/local/apt-packages.txt deploy/local/install.sh deploy/local/kafka/pom.xml
 	PYTHON=$(PYTHON) bash deploy/local/install.sh
 	mkdir -p .sluice && rm -f .sluice/.installed-* && touch $@
 

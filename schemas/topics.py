@@ -1,9 +1,9 @@
 """The topic catalog: the single source for topic names, partition counts and policies.
 
 `sluice dev up`, the docker-compose init job and the tests create topics from this list and
-nothing else. Partition counts are explicit because the local broker (Tansu) gives auto-created
-topics 4 partitions, and faust refuses a table whose changelog partition count differs from its
-source topic's.
+nothing else. Partition counts are explicit because a broker gives auto-created topics its
+`num.partitions` default, and faust refuses a table whose changelog partition count differs from
+its source topic's.
 """
 
 from __future__ import annotations

@@ -28,11 +28,20 @@ def demo(
     rate: float = typer.Option(150.0, help="Transactions per second of demo traffic."),
     drift_after: float = typer.Option(180.0, help="Seconds before amounts start to drift."),
     view: bool = typer.Option(True, help="Show the live terminal view."),
+    bucket_s: float = typer.Option(
+        300.0, help="Seconds per row of the latency table printed at the end."
+    ),
 ) -> None:
     """The whole system on the local cluster with live demo traffic (what `make run` runs)."""
     from deploy.demo.run import run
 
-    run(minutes=minutes or None, rate=rate, drift_after_s=drift_after, view=view)
+    run(
+        minutes=minutes or None,
+        rate=rate,
+        drift_after_s=drift_after,
+        view=view,
+        bucket_s=bucket_s,
+    )
 
 
 if __name__ == "__main__":

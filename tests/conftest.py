@@ -1,8 +1,8 @@
 """Shared pytest fixtures.
 
-`cluster` starts a private dev cluster (Tansu, Redis, ClickHouse on free ports) the first time a
-test asks for it, and stops and deletes it when the session ends. Tests that do not request it
-start nothing. Its servers also stop if the test process is killed before it can clean up.
+`cluster` starts a private dev cluster (Apache Kafka, Redis, ClickHouse on free ports) the first
+time a test asks for it, and stops and deletes it when the session ends. Tests that do not request
+it start nothing. Its servers also stop if the test process is killed before it can clean up.
 """
 
 from __future__ import annotations

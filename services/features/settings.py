@@ -58,7 +58,7 @@ class FeaturesSettings(SluiceSettings):
     features_broker_session_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="faust consumer session timeout (Tansu's first join takes about half).",
+        description="faust consumer session timeout: how soon a dead member's partitions move.",
     )
     features_broker_rebalance_timeout_s: float = Field(
         10.0, gt=0, description="faust consumer rebalance timeout."

@@ -50,7 +50,6 @@ def build(settings: InferenceSettings) -> tuple[KafkaWorker, InferenceService, C
         decoders={settings.inference_requests_topic: PredictionRequest},
         handler=service,
         batch_policy=policy,
-        consumer_overrides={"fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms},
     )
     return worker, service, control
 

@@ -334,7 +334,7 @@ class InferenceService:
                 log.warning("bad reply_partition header", extra={"value": repr(reply)})
         if partition is None and self.prediction_partitions:
             # Nobody waits on this one: sticky, so a batch's such predictions share one record
-            # batch (the local broker re-lists a partition's batches on each fetch with news).
+            # batch (fewer, fuller batches cost the broker and the readers less).
             partition = sticky_partition(
                 self.prediction_partitions,
                 int(scored_ms),

@@ -37,7 +37,7 @@ class AsyncProducer:
     A producer that fails fatally, or holds messages but has had none acknowledged for
     `stall_s`, is replaced by a new one; what it held fails with `DeliveryError` (the caller
     answers 503 and the client may retry). That is how the gateway gets past a broker that
-    lost its producer-id state (the local in-memory broker after a restart), which
+    lost its producer-id state (a topic deleted and re-created, say), which
     librdkafka's idempotent producer does not recover from by itself.
     """
 

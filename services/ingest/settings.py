@@ -39,10 +39,8 @@ class IngestSettings(SluiceSettings):
         5.0,
         ge=0,
         description="librdkafka `linger.ms` of the gateway's producer: how long a request waits "
-        "for others to share its produce batch. Fewer, fuller batches cost the broker less; on "
-        "the local broker, whose fetch cost grows with the batches a partition holds, 5 ms "
-        "against 1 ms kept throughput at 2,000+ req/s where 1 ms decayed (docs/benchmarks.md). "
-        "Lower it for the last few milliseconds of latency at low load.",
+        "for others to share its produce batch. Fewer, fuller batches cost the broker less per "
+        "request. Lower it for the last few milliseconds of latency at low load.",
     )
     ingest_reply_group: str = Field(
         "sluice-gateway",

@@ -62,7 +62,7 @@ def published_alerts(settings: MonitorSettings, timeout_s: float = 30.0) -> list
     """Every alert on `sluice.alerts`, oldest first per partition, read up to its end.
 
     Reads by assignment (no group join, nothing committed) until each partition reports EOF,
-    which librdkafka derives from the fetch response's high watermark (right on Tansu too). An
+    which librdkafka derives from the fetch response's high watermark. An
     alert that does not decode goes to `sluice.dlq` (again at every start, as it is read again).
     """
     group = f"{settings.monitor_group_id}.restore"
@@ -112,7 +112,6 @@ def sink_workers(settings: MonitorSettings) -> list[KafkaWorker]:
                 batch_policy=FixedBatch(
                     settings.monitor_sink_batch_size, settings.monitor_sink_max_wait_ms / 1000
                 ),
-                consumer_overrides={"fetch.wait.max.ms": settings.kafka_batch_fetch_wait_max_ms},
             )
         )
     return workers

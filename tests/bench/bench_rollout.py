@@ -185,8 +185,8 @@ def run(ctx: BenchContext) -> list[BenchTable]:
             notes=[
                 f"worst decision -> applied: {worst_applied * 1000:,.0f} ms (target < 2,000 ms "
                 "after the evaluation that sees the breach)",
-                "breach -> decision = the sink's fetch (up to SLUICE_KAFKA_BATCH_FETCH_WAIT_MAX_MS "
-                "on the local broker) and flush (100 ms max wait) + wait for the next evaluation "
+                "breach -> decision = the sink's flush (100 ms max wait) + wait for the next "
+                "evaluation "
                 "(uniform over one interval) + the evaluation's ClickHouse queries",
             ],
         )

@@ -51,7 +51,6 @@ class Stack:
         self.base = {
             **cluster.env(),
             "SLUICE_MODEL_REPOSITORY": str(models),
-            "SLUICE_KAFKA_FETCH_WAIT_MAX_MS": "2",
             "SLUICE_LOG_FORMAT": "text",
         }
         self.data_dir = workdir / "features-data"

@@ -1,32 +1,55 @@
-"""The broker stopped under load and started again: every service reconnects by itself.
+"""`kill -9` of the broker under load, then `sluice dev up`: nothing acknowledged is lost.
 
-The local broker (Tansu) keeps everything in memory, so its restart loses every message, every
-topic (`up` recreates the catalog's, empty) and every committed offset. What must hold anyway:
-each synchronous request gets an explicit answer within its deadline during the outage, and
-afterwards the gateway, inference and monitor serve new traffic end to end without a restart:
-predictions come back, asynchronous requests are scored, and the monitor stores them.
+Synchronous predictions flow through the gateway, asynchronous requests and demo events are
+produced straight onto Kafka (acks=all, idempotent) the whole time; the broker is killed with
+SIGKILL and started again from its log on disk. What must hold, counted:
+
+- every message the broker acknowledged before or after the kill is there afterwards: each
+  acknowledged asynchronous request is scored and stored in ClickHouse, each acknowledged event
+  is in the features' effect in Redis (equal to the offline reference over those events);
+- consumers resume from their committed offsets: what was scored well before the kill is not
+  scored again;
+- the features service carries on with no manual step (same app id, same markers);
+- every synchronous request is answered (200, 503 or 504) within its deadline; none hangs.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from clickhouse_driver import Client
+from confluent_kafka import KafkaError, Message
 from redis import Redis
 
+from deploy.demo.generator import DemoConfig, DemoItem, generate
+from deploy.demo.publish import publish
 from deploy.local.cluster import stop_part, up
+from schemas.topics import EVENTS, REQUESTS
+from services.common.kafka import make_producer
+from services.common.settings import SluiceSettings
+from services.features.definitions import FeatureRegistry
 from tests.faults.support import (
     SyncLoad,
     encoded_requests,
     late_answers,
     predictions_for,
-    produce_requests,
     request_body,
     seed_online_features,
     summary,
     wait_for,
+)
+from tests.test_features_support import (
+    DEMO_DEFINITIONS,
+    Positioned,
+    applied_fraction,
+    read_store,
+    reference_store,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,21 +57,106 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEADLINE_MS = 2000
 SLACK_S = 2.5
 """See test_inference_crash.SLACK_S."""
-AFTER = 2000
-"""Asynchronous requests produced once the broker is back."""
+ASYNC_RATE = 50
+EVENT_RATE = 100
+"""Asynchronous requests and events produced per second, all through the outage."""
 
 
-def test_broker_restart_every_service_reconnects_without_manual_action(restore_cluster, stack):
+def paced(items: Iterator, rate: float, stop: threading.Event) -> Iterator:
+    """`items` at `rate` per second until `stop` is set."""
+    started = time.monotonic()
+    for i, item in enumerate(items):
+        if stop.is_set():
+            return
+        if (delay := started + i / rate - time.monotonic()) > 0:
+            time.sleep(delay)
+        yield item
+
+
+class AsyncRequests(threading.Thread):
+    """Produces asynchronous requests at a steady rate; records which the broker acknowledged
+    (delivery report without error) and when."""
+
+    def __init__(self, bootstrap: str, items: list[tuple[str, bytes]], ids: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.items, self.ids = items, ids
+        self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
+        self.acked: dict[str, float] = {}
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for (key, value), request_id in paced(
+            iter(zip(self.items, self.ids, strict=True)), ASYNC_RATE, self.stop
+        ):
+            self.producer.produce(
+                REQUESTS.name, value, key, on_delivery=self._delivered(request_id)
+            )
+            self.producer.poll(0)
+        if self.producer.flush(120) > 0:
+            self.failed.append("requests still unacknowledged 120 s after the last was sent")
+
+    def _delivered(self, request_id: str):
+        def report(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                self.acked[request_id] = time.monotonic()
+            else:
+                self.failed.append(f"{request_id}: {error}")
+
+        return report
+
+
+class Events(threading.Thread):
+    """Publishes a demo stream's events at a steady rate; records each acknowledged one with
+    its partition and offset."""
+
+    def __init__(self, bootstrap: str, items: list[DemoItem]) -> None:
+        super().__init__(daemon=True)
+        self.items = items
+        self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
+        self.placed: list[Positioned] = []
+        self.error: Exception | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._publish()
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            self.error = exc
+
+    def _publish(self) -> None:
+        publish(
+            self.producer,
+            paced(iter(self.items), EVENT_RATE, self.stop),
+            labels_topic=None,
+            on_delivered=lambda event, partition, offset: self.placed.append(
+                Positioned(event, partition, offset)
+            ),
+        )
+
+
+def test_broker_kill_9_loses_nothing_acknowledged_and_every_service_carries_on(
+    restore_cluster, stack
+):
     cluster = restore_cluster
     prefix = "broker-"
     seed_online_features(Redis.from_url(cluster.redis_url), prefix)
+    app_id = f"features-kill-{uuid.uuid4().hex[:6]}"
     stack.add("inference")
     stack.add("ingest")
     stack.add("monitor")
+    stack.add("features", SLUICE_FEATURES_APP_ID=app_id)
     stack.start()
     tag = uuid.uuid4().hex[:8]
-    async_ids = [f"{tag}-a{i}" for i in range(AFTER)]
-    after = encoded_requests("fraud", prefix, async_ids)
+    async_ids = [f"{tag}-a{i}" for i in range(ASYNC_RATE * 300)]
+    requests = AsyncRequests(
+        cluster.kafka_bootstrap, encoded_requests("fraud", prefix, async_ids), async_ids
+    )
+    stream = DemoConfig(
+        seed=5, cards=300, merchants=30, txns_per_card_per_day=150,
+        start_ms=int(time.time() * 1000) - 8 * 3_600_000, id_prefix=f"kill{tag}-",
+    )  # fmt: skip
+    events = Events(cluster.kafka_bootstrap, list(itertools.islice(generate(stream), 12_000)))
     load = SyncLoad(
         stack.url("ingest"),
         "fraud",
@@ -57,22 +165,28 @@ def test_broker_restart_every_service_reconnects_without_manual_action(restore_c
         deadline_ms=DEADLINE_MS,
         tag=tag,
     ).start()
-    wait_for(lambda: sum(a.status == 200 for a in load.answers) >= 20, 30, "traffic flowing")
+    requests.start()
+    events.start()
+    wait_for(lambda: sum(a.status == 200 for a in load.answers) >= 40, 60, "traffic flowing")
+    wait_for(lambda: len(requests.acked) >= 600, 60, "asynchronous requests acknowledged")
 
-    stop_part(cluster, "kafka")
-    stopped_at = time.monotonic()
+    stop_part(cluster, "kafka", kill=True)
+    killed_at = time.monotonic()
+    early = {rid for rid, at in list(requests.acked.items()) if at < killed_at - 3}
     time.sleep(3)
     up(cluster, auto_install=False, stop_with_caller=True)
     restarted_at = time.monotonic()
     recovered = wait_for(
-        lambda: sum(a.status == 200 for a in load.since(restarted_at)) >= 10, 90, "recovery"
+        lambda: sum(a.status == 200 for a in load.since(restarted_at)) >= 20, 90, "recovery"
     )
-    produce_requests(cluster.kafka_bootstrap, after)
-    predictions = predictions_for(cluster.kafka_bootstrap, set(async_ids), timeout_s=60)
-    time.sleep(3)
+    time.sleep(5)
+    requests.stop.set()
+    events.stop.set()
     answers = load.stop()
+    requests.join(150)
+    events.join(150)
 
-    assert all(stack.alive(name) for name in ("inference", "ingest", "monitor"))
+    # Synchronous: every request answered within its deadline, with a score or a clear error.
     assert not [a for a in answers if a.status == 0], summary(answers)
     late = late_answers(answers, DEADLINE_MS, SLACK_S)
     assert not late, [(a.request_id, a.elapsed_s, a.status) for a in late[:5]]
@@ -85,20 +199,47 @@ def test_broker_restart_every_service_reconnects_without_manual_action(restore_c
     }, outcomes
     settled = [a for a in answers if a.sent_at > restarted_at + recovered + 2]
     assert settled and all(a.status == 200 for a in settled), summary(settled)
-    assert {p["request_id"] for p in predictions} == set(async_ids)
-    assert all(p["error"] is None for p in predictions)
 
+    # Asynchronous: every acknowledged request scored; none failed to be produced.
+    assert not requests.failed, requests.failed[:5]
+    acked = set(requests.acked)
+    assert len(early) >= 200 and acked > early
+    predictions = predictions_for(cluster.kafka_bootstrap, acked, timeout_s=120)
+    assert {p["request_id"] for p in predictions} >= acked
+    assert all(p["error"] is None for p in predictions)
+    # Committed offsets survived: requests acknowledged 3 s before the kill are not scored again.
+    scored = Counter(p["request_id"] for p in predictions)
+    assert not [rid for rid in early if scored[rid] != 1], "re-scored after the restart"
+
+    # Every acknowledged prediction is stored once after dedup by the monitor.
     client = Client(cluster.host, port=cluster.clickhouse_tcp_port)
     stored_sql = (
-        f"SELECT uniqExact(request_id) FROM {cluster.clickhouse_database}.predictions "
-        "WHERE request_id LIKE %(tag)s"
+        f"SELECT uniqExact(request_id), count() FROM {cluster.clickhouse_database}.predictions "
+        "FINAL WHERE request_id LIKE %(tag)s AND route != 'shadow'"
     )
     wait_for(
-        lambda: client.execute(stored_sql, {"tag": f"{tag}-a%"})[0][0] == AFTER,
-        60,
-        "the monitor storing predictions made after the restart",
+        lambda: client.execute(stored_sql, {"tag": f"{tag}-a%"})[0][0] == len(acked),
+        90,
+        "the monitor storing every acknowledged request's prediction",
     )
+    unique_rows, rows = client.execute(stored_sql, {"tag": f"{tag}-a%"})[0]
+
+    # Features: every acknowledged event applied, Redis equal to the offline reference.
+    assert events.error is None, events.error
+    assert len(events.placed) > EVENT_RATE * 10
+    redis = Redis.from_url(cluster.redis_url)
+    registry = FeatureRegistry.load(DEMO_DEFINITIONS)
+    wait_for(
+        lambda: applied_fraction(redis, app_id, EVENTS.name, events.placed) == 1.0,
+        120,
+        f"every acknowledged event applied\n{stack.log_tail('features')}",
+    )
+    expected = reference_store(registry, events.placed)
+    assert read_store(redis, registry, expected) == expected
+    assert all(stack.alive(n) for n in ("inference", "ingest", "monitor", "features"))
     print(
-        f"\n{outcomes}; outage {restarted_at - stopped_at:.1f} s; served again "
-        f"{recovered:.1f} s after the restart; {AFTER} asynchronous requests scored and stored"
+        f"\nsync {outcomes}; async {len(acked)} acknowledged, all scored "
+        f"({sum(scored.values()) - len(scored)} twice), {unique_rows} stored ({rows} rows "
+        f"after FINAL); {len(events.placed)} events applied; served again {recovered:.1f} s "
+        f"after the restart"
     )
