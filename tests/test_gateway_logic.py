@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from schemas.messages import Event
@@ -10,8 +11,9 @@ from services.common.kafka import sticky_partition
 from services.inference.client import TensorSpec
 from services.ingest.capture import split_items, validate_items
 from services.ingest.gateway import GatewayError
-from services.ingest.oip import InferTensor, OipError, output_tensors, rows_from_inputs
+from services.ingest.oip import OipError, OutputRequest, output_tensors, rows_from_inputs
 from services.ingest.replies import start_offsets
+from services.ingest.tensors import from_json, to_json
 
 
 def test_keys_are_configured_as_hashes_and_checked_by_role():
@@ -70,30 +72,37 @@ def test_each_invalid_line_is_reported_with_its_reason():
     assert rejected[2]["error"]["details"][0]["loc"], "field paths of the invalid line"
 
 
+def json_tensor(name, shape, datatype, data):
+    return from_json(name, datatype, shape, data)
+
+
+MATRIX = TensorSpec("input", "FP32", (-1, 2))
+
+
 def test_oip_matrix_and_per_feature_inputs_give_the_same_rows():
     names = ["a", "b"]
-    matrix = InferTensor(name="input", shape=[2, 2], datatype="FP32", data=[[1, 2], [3, 4]])
+    matrix = json_tensor("input", [2, 2], "FP32", [[1, 2], [3, 4]])
     columns = [
-        InferTensor(name="a", shape=[2], datatype="FP32", data=[1, 3]),
-        InferTensor(name="b", shape=[2, 1], datatype="INT32", data=[[2], [4]]),
+        json_tensor("a", [2], "FP32", [1, 3]),
+        json_tensor("b", [2, 1], "INT32", [[2], [4]]),
     ]
     expected = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0}]
-    assert rows_from_inputs([matrix], names, "input") == expected
-    assert rows_from_inputs(columns, names, "input") == expected
+    assert rows_from_inputs([matrix], names, MATRIX) == expected
+    assert rows_from_inputs(columns, names, MATRIX) == expected
 
 
 @pytest.mark.parametrize(
     "tensor",
     [
-        InferTensor(name="input", shape=[2, 3], datatype="FP32", data=[0] * 6),
-        InferTensor(name="input", shape=[2, 2], datatype="FP32", data=[0] * 3),
-        InferTensor(name="input", shape=[1, 2], datatype="BYTES", data=["x", "y"]),
-        InferTensor(name="other", shape=[1, 2], datatype="FP32", data=[0, 0]),
+        json_tensor("input", [2, 3], "FP32", [0] * 6),
+        json_tensor("input", [2], "FP32", [0] * 2),
+        json_tensor("input", [1, 2], "BYTES", ["x", "y"]),
+        json_tensor("other", [1, 2], "FP32", [0, 0]),
     ],
 )
 def test_oip_bad_inputs_are_400(tensor):
     with pytest.raises(OipError) as caught:
-        rows_from_inputs([tensor], ["a", "b"], "input")
+        rows_from_inputs([tensor], ["a", "b"], MATRIX)
     assert caught.value.status == 400
 
 
@@ -103,17 +112,22 @@ def test_oip_outputs_keep_the_model_datatypes_and_shapes():
         {"outputs": {"label": [1.0], "probabilities": [0.2, 0.8]}},
         {"outputs": {"label": [0.0], "probabilities": [0.9, 0.1]}},
     ]
-    assert output_tensors(predictions, specs, None) == [
-        {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]},
-        {
-            "name": "probabilities",
-            "datatype": "FP32",
-            "shape": [2, 2],
-            "data": [0.2, 0.8, 0.9, 0.1],
-        },
-    ]
+    label, probabilities = output_tensors(predictions, specs, None)
+    assert (label.name, label.datatype, label.shape, to_json(label)) == (
+        "label",
+        "INT64",
+        [2],
+        [1, 0],
+    )
+    assert (probabilities.datatype, probabilities.shape) == ("FP32", [2, 2])
+    np.testing.assert_array_equal(
+        probabilities.values, np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32)
+    )
+    (top,) = output_tensors(predictions, specs, [OutputRequest("probabilities", classes=1)])
+    assert (top.datatype, top.shape) == ("BYTES", [2, 1])
+    assert to_json(top) == ["0.800000011920929:1", "0.8999999761581421:0"]
     with pytest.raises(OipError):
-        output_tensors(predictions, specs, ["logits"])
+        output_tensors(predictions, specs, [OutputRequest("logits")])
 
 
 def test_cli_prints_a_hashed_key_entry():
