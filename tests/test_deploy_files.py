@@ -417,6 +417,8 @@ LISTEN = {
     "monitor": ("metrics_port", None),
     "rollout": ("rollout_http_port", "rollout_http_host"),
 }
+# Ports a service listens on besides its HTTP port (settings fields).
+OTHER_PORTS = {"ingest": ("ingest_grpc_port",)}
 
 
 def settings_class(package: str) -> type[BaseSettings]:
@@ -527,8 +529,9 @@ def test_sluiceway_service_listens_where_its_healthcheck_ports_and_prometheus_po
     check = SERVICES[name]["healthcheck"]["test"]
     assert check[:3] == ["CMD", "python", "-c"], "the slim image has no curl or wget"
     assert f"http://127.0.0.1:{port}/readyz" in check[3]
+    listening = {str(port), *(str(getattr(settings, f)) for f in OTHER_PORTS.get(package, ()))}
     for published_port in SERVICES[name].get("ports") or []:
-        assert published(published_port)[1] == str(port)
+        assert published(published_port)[1] in listening
     if name in SLUICEWAY_SERVICES:
         assert f"{name}:{port}" in SCRAPE_TARGETS
 

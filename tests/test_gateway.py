@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,57 +19,11 @@ from redis import Redis
 from schemas.topics import EVENTS, LABELS, PREDICTIONS
 from services.common.apikeys import hash_key
 from services.features.client import write_features
-from services.inference.app import build
-from services.inference.settings import InferenceSettings
+from tests.helpers.gateway import GatewayProcess, secured_gateway, serving
 from tests.helpers.models import CARD_FEATURES, FEATURES, MERCHANT_FEATURES, write_version
 from tests.support import body_of, json_bodies, read_topic, unique
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class GatewayProcess:
-    """`python -m services.ingest` on a free port."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.ingest"],
-            cwd=REPO,
-            env={
-                **os.environ,
-                **env,
-                "SLUICE_INGEST_PORT": str(self.port),
-                "SLUICE_LOG_LEVEL": "WARNING",
-            },
-        )
-
-    def wait_ready(self, timeout_s: float = 30) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                response = httpx.get(f"{self.url}/readyz", timeout=1)
-                if response.status_code == 200:
-                    return response.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("gateway not ready")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -87,41 +38,17 @@ def stack(cluster, tmp_path_factory):
         for i in range(count):
             values = dict(zip(names, rng.normal(size=len(names)).tolist(), strict=True))
             write_features(redis, entity, f"gw-{entity}-{i}", values, {n: 1 for n in names})
-    env = {**cluster.env(), "SLUICE_MODEL_REPOSITORY": str(root)}
-    settings = InferenceSettings(
-        **{k.removeprefix("SLUICE_").lower(): v for k, v in cluster.env().items()},
-        model_repository=root,
-        inference_group_id=unique("inference"),
-        inference_max_delay_ms=1,
-    )
-    worker, service, control = build(settings)
-    service.load_repository(root)
-    control.start()
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    group = unique("gateway")
-    gateway = GatewayProcess({**env, "SLUICE_INGEST_REPLY_GROUP": group})
-    try:
-        gateway.wait_ready()
-        # the first request must not spend its deadline waiting for inference's group join
-        deadline = time.monotonic() + 60
-        while not worker.ready() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert worker.ready(), "inference was assigned no partition of sluice.requests"
-        # a new inference group starts at the earliest offset of the session's shared
-        # sluice.requests: one request with a long deadline returns once that backlog is scored
-        warm_up = httpx.post(
+
+    def warm_up(gateway: GatewayProcess) -> None:
+        response = httpx.post(
             f"{gateway.url}/v1/models/{model}/predict",
             json={**body(0), "timeout_ms": 30_000},
             timeout=40,
         )
-        assert warm_up.status_code == 200, warm_up.text
-        yield {"model": model, "root": root, "env": env, "group": group, "gateway": gateway}
-    finally:
-        gateway.stop()
-        worker.stop()
-        thread.join(30)
-        control.stop()
+        assert response.status_code == 200, response.text
+
+    with serving(cluster, root, warm_up) as served:
+        yield {"model": model, "root": root, **served}
 
 
 def body(i: int, **extra) -> dict:
@@ -347,15 +274,7 @@ def test_a_batch_with_three_bad_lines_names_exactly_those_lines(cluster, stack):
 def test_api_keys_enforce_roles(stack):
     predict_key, ingest_key = "k-predict-" + uuid.uuid4().hex, "k-ingest-" + uuid.uuid4().hex
     keys = f"app:{hash_key(predict_key)}:predict,loader:{hash_key(ingest_key)}:ingest"
-    secured = GatewayProcess(
-        {
-            **stack["env"],
-            "SLUICE_INGEST_REPLY_GROUP": unique("keys"),
-            "SLUICE_INGEST_API_KEYS": keys,
-        }
-    )
-    try:
-        secured.wait_ready()
+    with secured_gateway(stack["env"], keys) as secured:
         url = f"{secured.url}/v1/models/{stack['model']}/predict?timeout_ms=5000"
         assert httpx.post(url, json=body(1)).status_code == 401
         assert httpx.post(url, json=body(1), headers={"x-api-key": "wrong"}).status_code == 401
@@ -366,8 +285,6 @@ def test_api_keys_enforce_roles(stack):
         )
         assert allowed.status_code == 200
         assert httpx.get(f"{secured.url}/healthz").status_code == 200
-    finally:
-        secured.stop()
 
 
 def direct_scores(root: Path, model: str, matrix: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ import yaml
 from schemas.topics import EVENTS, REQUESTS
 from tests.test_deploy_files import (
     LISTEN,
+    OTHER_PORTS,
     SLUICEWAY_SERVICES,
     setting_names,
     settings_class,
@@ -443,7 +444,8 @@ def test_service_listens_where_ports_and_probes_point(
     settings = service_settings(component, monkeypatch)
     port_field, host_field = LISTEN[component]
     listen = getattr(settings, port_field)
-    assert [p["containerPort"] for p in container["ports"]] == [listen]
+    others = [getattr(settings, field) for field in OTHER_PORTS.get(component, ())]
+    assert [p["containerPort"] for p in container["ports"]] == [listen, *others]
     if host_field:
         assert getattr(settings, host_field) == "0.0.0.0", "bind every interface in a pod"
     expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}

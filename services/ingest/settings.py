@@ -12,6 +12,14 @@ class IngestSettings(SluiceSettings):
 
     ingest_host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     ingest_port: int = Field(8080, ge=1, le=65535, description="HTTP port.")
+    ingest_grpc_port: int = Field(
+        8081,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service (GRPCInferenceService), "
+        "on the same address as HTTP; 0 = no gRPC. Opened with SO_REUSEPORT so that the worker "
+        "processes share it: give two gateways on one host different ports.",
+    )
     ingest_default_timeout_ms: int = Field(
         1000, ge=1, description="Deadline of a synchronous prediction when the caller sets none."
     )
