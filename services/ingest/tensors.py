@@ -111,6 +111,10 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     dtype = dtype_of(name, datatype)
     count = element_count(name, shape)
     if datatype == "BYTES":
+        if count * _LENGTH.size > len(raw):  # before allocating for a claimed count
+            raise TensorError(
+                f"input '{name}': {len(raw)} bytes cannot hold {count} BYTES elements"
+            )
         values = np.empty(count, dtype=object)
         offset = 0
         for i in range(count):
