@@ -2,15 +2,19 @@
 clients, with their defaults (binary tensors over HTTP, raw contents over gRPC) and with JSON,
 against a real gateway, broker and inference worker, on both committed demo model versions.
 
-This process imports tritonclient.grpc, which registers the protocol's messages in protobuf's
-default pool; the gateway's own generated code (schemas/proto) registers the same names, so it
-runs only in the gateway's process, never imported here.
+The gRPC client runs in a process of its own (tests/helpers/triton_grpc.py): tritonclient.grpc
+and the gateway's generated code (schemas/proto) register the same protobuf message names, so no
+process of the suite may import both. Calls that the client cannot make (typed contents,
+malformed requests) go through the gateway's own stubs, which put the same bytes on the wire.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -19,11 +23,11 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 import pytest
-import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from schemas.proto import open_inference_grpc_pb2 as pb
+from schemas.proto import open_inference_grpc_pb2_grpc as pb_grpc
 from services.common.apikeys import hash_key
 from services.inference.manifest import Manifest
 from tests.helpers.gateway import GatewayProcess, secured_gateway, serving
@@ -227,45 +231,56 @@ def test_binary_bodies_whose_sizes_disagree_get_400_with_the_protocol_error_body
     assert set(response.json()) == {"error"} and message in response.json()["error"]
 
 
+def triton_grpc(address: str, **job) -> dict:
+    """One call of tritonclient.grpc in its own process (tests/helpers/triton_grpc.py)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.triton_grpc"],
+        input=json.dumps({"address": address, **job}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_grpc_client_with_its_raw_defaults_gets_the_onnx_predictions(served, version):
-    client = grpcclient.InferenceServerClient(url=served["gateway"].grpc_address)
-    model, matrix = served["model"], rows(served, seed=30 + int(version))
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready(model, version)
-    server = client.get_server_metadata(as_json=True)
-    assert server["name"] == "sluiceway" and "binary_tensor_data" in server["extensions"]
-    meta = client.get_model_metadata(model, version, as_json=True)
+    address, model = served["gateway"].grpc_address, served["model"]
+    matrix = rows(served, seed=30 + int(version))
+    health = triton_grpc(address, action="health", model=model, version=version)
+    assert health["live"] and health["ready"] and health["model_ready"]
+    assert health["server"]["name"] == "sluiceway"
+    assert "binary_tensor_data" in health["server"]["extensions"]
+    meta = triton_grpc(address, action="metadata", model=model, version=version)
     assert meta["versions"] == VERSIONS
     (spec,) = meta["inputs"]
     assert spec["datatype"] == "FP32" and spec["shape"] == ["-1", str(matrix.shape[1])]
 
-    tensor = grpcclient.InferInput(spec["name"], list(matrix.shape), "FP32")
-    tensor.set_data_from_numpy(matrix)  # raw_input_contents
-    result = client.infer(model, [tensor], model_version=version, client_timeout=10)
-    assert result.get_response().model_version == version
-    assert len(result.get_response().raw_output_contents) == 2
+    job = {"action": "infer", "model": model, "version": version, "input": spec["name"]}
+    result = triton_grpc(address, **job, rows=matrix.tolist())
+    assert result["model_version"] == version and result["raw_outputs"] == 2
+    assert result["dtypes"] == {"label": "int64", "probabilities": "float32"}
     label, probabilities = direct(served, version, matrix)
-    np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, atol=1e-6)
-    np.testing.assert_array_equal(result.as_numpy("label"), label)
+    got = np.asarray(result["outputs"]["probabilities"], dtype=np.float32)
+    np.testing.assert_allclose(got, probabilities, atol=1e-6)
+    np.testing.assert_array_equal(result["outputs"]["label"], label)
 
-    outputs = [grpcclient.InferRequestedOutput("probabilities")]
-    result = client.infer(model, [tensor], model_version=version, outputs=outputs)
-    assert [o.name for o in result.get_response().outputs] == ["probabilities"]
-    np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, atol=1e-6)
+    result = triton_grpc(address, **job, rows=matrix.tolist(), outputs=["probabilities"])
+    assert list(result["outputs"]) == ["probabilities"]
+    got = np.asarray(result["outputs"]["probabilities"], dtype=np.float32)
+    np.testing.assert_allclose(got, probabilities, atol=1e-6)
 
 
 def test_grpc_typed_contents_score_as_raw_contents_do(served):
     matrix = rows(served, count=3, seed=40)
-    request = service_pb2.ModelInferRequest(model_name=served["model"], model_version="2")
+    request = pb.ModelInferRequest(model_name=served["model"], model_version="2")
     tensor = request.inputs.add(
         name=served["manifest"].input_name, datatype="FP32", shape=list(matrix.shape)
     )
     tensor.contents.fp32_contents.extend(matrix.ravel().tolist())
     with grpc.insecure_channel(served["gateway"].grpc_address) as channel:
-        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            request, timeout=10
-        )
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     names = [o.name for o in response.outputs]
     raw = response.raw_output_contents[names.index("probabilities")]
     _label, probabilities = direct(served, "2", matrix)
@@ -274,7 +289,7 @@ def test_grpc_typed_contents_score_as_raw_contents_do(served):
     )
 
 
-def narrow(request: service_pb2.ModelInferRequest) -> None:
+def narrow(request: pb.ModelInferRequest) -> None:
     request.inputs[0].shape[1] = 5
     request.raw_input_contents[0] = np.zeros(5, dtype=np.float32).tobytes()
 
@@ -291,12 +306,12 @@ def narrow(request: service_pb2.ModelInferRequest) -> None:
 )
 def test_grpc_bad_inputs_get_the_protocols_status(served, change, code, message):
     width = len(served["manifest"].feature_names)
-    request = service_pb2.ModelInferRequest(model_name=served["model"])
+    request = pb.ModelInferRequest(model_name=served["model"])
     request.inputs.add(name=served["manifest"].input_name, datatype="FP32", shape=[1, width])
     request.raw_input_contents.append(np.zeros(width, dtype=np.float32).tobytes())
     change(request)
     with grpc.insecure_channel(served["gateway"].grpc_address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request, timeout=10)
     assert caught.value.code().name == code and message in caught.value.details()
@@ -304,24 +319,30 @@ def test_grpc_bad_inputs_get_the_protocols_status(served, change, code, message)
 
 def test_grpc_api_keys_are_read_from_the_call_metadata(served):
     keys = f"svc:{hash_key('s3cret')}:predict,feed:{hash_key('f33d')}:ingest"
+    model, name = served["model"], served["manifest"].input_name
     with secured_gateway(served["env"], keys) as secured:
-        client = grpcclient.InferenceServerClient(url=secured.grpc_address)
-        assert client.is_server_live(), "health is open, as over HTTP"
-        model = served["model"]
+        address = secured.grpc_address
+        health = triton_grpc(address, action="health", model=model, headers={"x-api-key": "s3cret"})
+        assert health["live"] and health["model_ready"]
         for headers, status in (
             (None, "StatusCode.UNAUTHENTICATED"),
             ({"x-api-key": "wrong"}, "StatusCode.UNAUTHENTICATED"),
             ({"authorization": "Bearer f33d"}, "StatusCode.PERMISSION_DENIED"),
         ):
-            with pytest.raises(InferenceServerException) as caught:
-                client.get_model_metadata(model, headers=headers)
-            assert caught.value.status() == status
+            denied = triton_grpc(address, action="metadata", model=model, headers=headers)
+            assert denied["error"]["status"] == status
         matrix = rows(served, count=2, seed=50)
-        tensor = grpcclient.InferInput(served["manifest"].input_name, list(matrix.shape), "FP32")
-        tensor.set_data_from_numpy(matrix)
-        result = client.infer(model, [tensor], headers={"x-api-key": "s3cret"}, client_timeout=10)
+        result = triton_grpc(
+            address,
+            action="infer",
+            model=model,
+            input=name,
+            rows=matrix.tolist(),
+            headers={"x-api-key": "s3cret"},
+        )
         _label, probabilities = direct(served, VERSIONS[-1], matrix)
-        np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, atol=1e-6)
+        got = np.asarray(result["outputs"]["probabilities"], dtype=np.float32)
+        np.testing.assert_allclose(got, probabilities, atol=1e-6)
 
 
 def test_bytes_inputs_are_refused_as_not_numeric_over_both_transports(served):
@@ -334,11 +355,11 @@ def test_bytes_inputs_are_refused_as_not_numeric_over_both_transports(served):
         http.infer(served["model"], [tensor])
     assert caught.value.status() == "400" and "not numeric" in caught.value.message()
     raw = b"".join(struct.pack("<I", 1) + b"x" for _ in range(width))
-    request = service_pb2.ModelInferRequest(model_name=served["model"], raw_input_contents=[raw])
+    request = pb.ModelInferRequest(model_name=served["model"], raw_input_contents=[raw])
     request.inputs.add(name=served["manifest"].input_name, datatype="BYTES", shape=[1, width])
     with (
         grpc.insecure_channel(served["gateway"].grpc_address) as channel,
         pytest.raises(grpc.RpcError) as caught,
     ):
-        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -2,22 +2,28 @@
 official Triton client speaks it, and the committed generated code is what grpcio-tools makes
 of it.
 
-Neither check imports the generated module: tritonclient.grpc registers the same message names
-in protobuf's default pool, so this process reads our definition through protoc instead.
+Neither side is imported here: tritonclient.grpc and the generated module register the same
+message names in protobuf's default pool, and the suite builds the gateway app in-process. Our
+definition is read through protoc, Triton's from a process of its own.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
-from tritonclient.grpc import service_pb2
 
 from schemas.proto.__main__ import PROTOS, ROOT, generate
 
+TRITON_DESCRIPTOR = (
+    "import sys; from tritonclient.grpc import service_pb2; "
+    "sys.stdout.buffer.write(service_pb2.DESCRIPTOR.serialized_pb)"
+)
 GENERATED = ["_pb2.py", "_pb2.pyi", "_pb2_grpc.py"]
 SERVED = [
     "ServerLive",
@@ -40,7 +46,11 @@ def ours() -> descriptor_pb2.FileDescriptorProto:
 
 
 def tritons() -> descriptor_pb2.FileDescriptorProto:
-    return descriptor_pb2.FileDescriptorProto.FromString(service_pb2.DESCRIPTOR.serialized_pb)
+    """The service file that tritonclient.grpc ships, as a descriptor."""
+    serialized = subprocess.run(
+        [sys.executable, "-c", TRITON_DESCRIPTOR], capture_output=True, check=True, timeout=60
+    ).stdout
+    return descriptor_pb2.FileDescriptorProto.FromString(serialized)
 
 
 def messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, list[tuple]]:
@@ -97,3 +107,14 @@ def test_the_committed_generated_code_is_what_grpcio_tools_makes(tmp_path, suffi
         assert (ROOT / f"{stem}{suffix}").read_text() == fresh, (
             f"{stem}{suffix} is stale: run `python -m schemas.proto`"
         )
+
+
+def test_the_suite_loads_the_gateway_app_and_the_http_client_but_never_tritonclient_grpc():
+    """The constraint this file's docstring states, for the whole test session: a test that
+    imported tritonclient.grpc in-process would break every later import of the app."""
+    import tritonclient.http  # noqa: F401
+    import tritonclient.utils  # noqa: F401
+
+    import services.ingest.app  # noqa: F401
+
+    assert "tritonclient.grpc" not in sys.modules
