@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
@@ -70,14 +70,17 @@ def read_topic(
     topic: str,
     until: Callable[[list[Message]], bool],
     timeout_s: float = 60.0,
+    config: Mapping[str, object] | None = None,
 ) -> list[Message]:
-    """Read `topic` from the beginning of every partition until `until(messages)` holds."""
+    """Read `topic` from the beginning of every partition until `until(messages)` holds;
+    `config` adds client settings (a secure listener's)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": unique("reader"),
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,
+            **(config or {}),
         }
     )
     metadata = consumer.list_topics(topic, timeout=10).topics[topic]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 from clickhouse_driver import Client
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
@@ -37,6 +37,7 @@ from deploy.local.cluster import (
 )
 from schemas.clickhouse import TABLES
 from schemas.topics import CATALOG, EVENTS
+from tests.support import read_topic
 
 
 @pytest.fixture
@@ -268,17 +269,5 @@ def test_the_broker_keeps_its_log_and_cluster_id_across_down_and_up(
     assert (config.state_dir / "kafka" / "cluster.id").read_text() == cluster_id
     kafka_status = next(part for part in statuses if part.name == "kafka")
     assert f"Apache Kafka {kafka.version()}" in kafka_status.detail
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.kafka_bootstrap,
-            "group.id": "kept",
-            "auto.offset.reset": "earliest",
-        }
-    )
-    consumer.subscribe([EVENTS.name])
-    values: list[bytes] = []
-    deadline = time.monotonic() + 30
-    while len(values) < 100 and time.monotonic() < deadline:
-        values += [m.value() for m in consumer.consume(100, 1.0) if m.error() is None]
-    consumer.close()
-    assert sorted(values) == sorted(f"kept-{i}".encode() for i in range(100))
+    kept = read_topic(config.kafka_bootstrap, EVENTS.name, lambda got: len(got) >= 100, 30)
+    assert sorted(m.value() for m in kept) == sorted(f"kept-{i}".encode() for i in range(100))

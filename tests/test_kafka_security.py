@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.local.cluster import ClusterConfig, down, up
 from services.common.kafka import client_config, consumer_config, make_producer
 from services.common.settings import SluiceSettings
+from tests.support import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +51,9 @@ def test_services_produce_and_consume_over_sasl_scram_and_tls(secure_cluster: Cl
         producer.produce(topic, f"m{i}".encode(), key=str(i).encode())
     assert producer.flush(30) == 0
 
-    consumer = Consumer(consumer_config(settings, f"secure-{uuid.uuid4().hex[:6]}"))
-    consumer.subscribe([topic])
-    values: list[bytes] = []
-    deadline = time.monotonic() + 30
-    while len(values) < 50 and time.monotonic() < deadline:
-        values += [m.value() for m in consumer.consume(50, 1.0) if m.error() is None]
-    consumer.close()
-    assert sorted(values) == sorted(f"m{i}".encode() for i in range(50))
+    config = consumer_config(settings, f"secure-{uuid.uuid4().hex[:6]}")
+    got = read_topic(settings.kafka_bootstrap, topic, lambda got: len(got) >= 50, 30, config)
+    assert sorted(m.value() for m in got) == sorted(f"m{i}".encode() for i in range(50))
 
 
 def test_a_wrong_scram_password_is_refused(secure_cluster: ClusterConfig):

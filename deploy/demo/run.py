@@ -74,9 +74,12 @@ class Ports:
 @dataclass
 class Service:
     name: str
+    """Its log's name, and the package it runs (`services.<name>`) unless `module` says."""
     env: dict[str, str]
     ready_url: str
     process: subprocess.Popen | None = None
+    module: str = ""
+    """The service package under `services/` when `name` is an instance's (`inference-2`)."""
 
 
 def ensure_models(settings: SluiceSettings) -> list[str]:
@@ -197,7 +200,7 @@ def start_services(stack: list[Service], logs: Path, timeout_s: float = 90) -> N
     for service in stack:
         log = (logs / f"{service.name}.log").open("ab")
         service.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service.name}"],
+            [sys.executable, "-m", f"services.{service.module or service.name}"],
             env={**os.environ, **service.env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -2,7 +2,8 @@
 
 Every option can also come from an environment variable `SLUICE_DEV_<OPTION>`, e.g.
 `SLUICE_DEV_STATE_DIR` or `SLUICE_DEV_KAFKA_PORT`. `status` and `env` must be given the same
-ports as `up` was, since they probe and print those ports.
+ports and `--brokers` as `up` was, since they probe and print those ports; `down` stops every
+broker its state directory started.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ KafkaControllerPort = Annotated[
         help="KRaft controller port of the broker [default: the client port + 1].",
     ),
 ]
+Brokers = Annotated[
+    int,
+    typer.Option(
+        envvar="SLUICE_DEV_BROKERS",
+        help="KRaft nodes (broker + controller each); 3 gives replication factor 3, "
+        "min.insync.replicas 2. Brokers 2..N take the two ports after the previous one's.",
+    ),
+]
 RedisPort = Annotated[int, typer.Option(envvar="SLUICE_DEV_REDIS_PORT", help="Redis port.")]
 ClickhouseTcpPort = Annotated[
     int,
@@ -61,6 +70,7 @@ def up(
     clickhouse_http_port: ClickhouseHttpPort = _DEFAULTS.clickhouse_http_port,
     clickhouse_database: ClickhouseDatabase = _DEFAULTS.clickhouse_database,
     kafka_controller_port: KafkaControllerPort = None,
+    brokers: Brokers = _DEFAULTS.kafka_brokers,
     install: Annotated[
         bool,
         typer.Option(
@@ -79,6 +89,7 @@ def up(
         clickhouse_http_port,
         clickhouse_database,
         kafka_controller_port,
+        brokers,
     )
     try:
         statuses = cluster.up(config, auto_install=install)
@@ -109,6 +120,8 @@ def status(
     clickhouse_tcp_port: ClickhouseTcpPort = _DEFAULTS.clickhouse_tcp_port,
     clickhouse_http_port: ClickhouseHttpPort = _DEFAULTS.clickhouse_http_port,
     clickhouse_database: ClickhouseDatabase = _DEFAULTS.clickhouse_database,
+    kafka_controller_port: KafkaControllerPort = None,
+    brokers: Brokers = _DEFAULTS.kafka_brokers,
 ) -> None:
     """Show each part's port, pid and health; exit code 1 unless all are healthy."""
     config = _config(
@@ -118,6 +131,8 @@ def status(
         clickhouse_tcp_port,
         clickhouse_http_port,
         clickhouse_database,
+        kafka_controller_port,
+        brokers,
     )
     statuses = cluster.status(config)
     _print_statuses(statuses)
@@ -133,6 +148,8 @@ def env(
     clickhouse_tcp_port: ClickhouseTcpPort = _DEFAULTS.clickhouse_tcp_port,
     clickhouse_http_port: ClickhouseHttpPort = _DEFAULTS.clickhouse_http_port,
     clickhouse_database: ClickhouseDatabase = _DEFAULTS.clickhouse_database,
+    kafka_controller_port: KafkaControllerPort = None,
+    brokers: Brokers = _DEFAULTS.kafka_brokers,
 ) -> None:
     """Print `export SLUICE_...` lines for this cluster: `eval "$(sluice dev env)"`."""
     config = _config(
@@ -142,6 +159,8 @@ def env(
         clickhouse_tcp_port,
         clickhouse_http_port,
         clickhouse_database,
+        kafka_controller_port,
+        brokers,
     )
     typer.echo(cluster.shell_exports(config), nl=False)
 
@@ -154,10 +173,12 @@ def _config(
     clickhouse_http_port: int,
     clickhouse_database: str,
     kafka_controller_port: int | None = None,
+    brokers: int = 1,
 ) -> ClusterConfig:
     try:
         return ClusterConfig(
             kafka_controller_port=kafka_controller_port,
+            kafka_brokers=brokers,
             state_dir=state_dir,
             kafka_port=kafka_port,
             redis_port=redis_port,

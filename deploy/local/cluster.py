@@ -55,6 +55,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from deploy.local import kafka
 from schemas.clickhouse import create_statements
 from schemas.topics import CATALOG
+from services.common.kafka import replication_factor
 from services.common.settings import (
     LOCAL_CLICKHOUSE_HTTP_PORT,
     LOCAL_CLICKHOUSE_TCP_PORT,
@@ -63,7 +64,8 @@ from services.common.settings import (
 )
 
 PART_NAMES = ("kafka", "redis", "clickhouse")
-"""The parts of the cluster, in the order `status` reports them."""
+"""The parts of the default (one-broker) cluster, in the order `status` reports them; a cluster
+of N brokers has `kafka`, `kafka-2` ... `kafka-N` first (`ClusterConfig.parts`)."""
 
 APT_PACKAGES = {
     "redis_server": ("redis-server",),
@@ -109,15 +111,30 @@ class ClusterConfig:
     kafka_secure_port: int | None = None
     """A second client listener with SASL_SSL (SCRAM-SHA-512 over TLS, a self-signed certificate
     made at the first `up`), for trying the services' security settings; off by default."""
+    kafka_brokers: int = 1
+    """KRaft nodes, each a combined broker and controller (all of them voters). One by default;
+    three give the catalog's topics replication factor 3 and `min.insync.replicas=2`, so the
+    cluster keeps taking acks=all writes with one broker down."""
+    kafka_node_ports: tuple[tuple[int, int], ...] = ()
+    """(client, controller) ports of brokers 2..N; by default each broker takes the two ports
+    after the previous one's (9094/9095, 9096/9097 from the defaults)."""
     redis_durable: bool = False
     """Redis appends every write to a file and fsyncs it before answering (`appendfsync
     always`), so a stopped or killed Redis comes back with every acknowledged write. Off by
     default: the local online store, like the docker-compose one, keeps nothing on disk."""
 
     def __post_init__(self) -> None:
+        if self.kafka_brokers < 1:
+            raise ValueError(f"a cluster needs at least one broker, got {self.kafka_brokers}")
+        if self.kafka_node_ports and len(self.kafka_node_ports) != self.kafka_brokers - 1:
+            raise ValueError(
+                f"kafka_node_ports lists {len(self.kafka_node_ports)} brokers' ports, "
+                f"the cluster has {self.kafka_brokers - 1} besides the first"
+            )
+        if self.kafka_secure_port is not None and self.kafka_brokers > 1:
+            raise ValueError("the SASL_SSL listener is offered on a one-broker cluster only")
         ports = [
-            self.kafka_port,
-            self.controller_port,
+            *(port for pair in self.broker_ports for port in pair),
             *([self.kafka_secure_port] if self.kafka_secure_port is not None else []),
             self.redis_port,
             self.clickhouse_tcp_port,
@@ -134,9 +151,33 @@ class ClusterConfig:
         return self.kafka_port + 1
 
     @property
+    def broker_ports(self) -> list[tuple[int, int]]:
+        """(client, controller) ports of every broker, the first broker's first."""
+        first = (self.kafka_port, self.controller_port)
+        if self.kafka_node_ports:
+            return [first, *self.kafka_node_ports]
+        step = first[1] + 1
+        return [first] + [(step + 2 * i, step + 2 * i + 1) for i in range(self.kafka_brokers - 1)]
+
+    @property
+    def broker_parts(self) -> tuple[str, ...]:
+        """The part name of each broker: `kafka`, then `kafka-2` ... `kafka-N`."""
+        return ("kafka", *(f"kafka-{i}" for i in range(2, self.kafka_brokers + 1)))
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Every part of this cluster, in the order `status` reports them."""
+        return (*self.broker_parts, *PART_NAMES[1:])
+
+    @property
     def kafka_bootstrap(self) -> str:
-        """`host:port` of the broker, for `bootstrap.servers`."""
-        return f"{self.host}:{self.kafka_port}"
+        """`host:port` of every broker, comma-separated, for `bootstrap.servers`."""
+        return ",".join(f"{self.host}:{client}" for client, _ in self.broker_ports)
+
+    @property
+    def replication_factor(self) -> int:
+        """Replicas of each catalog topic: one per broker, at most three."""
+        return replication_factor(self.kafka_brokers)
 
     @property
     def redis_url(self) -> str:
@@ -170,22 +211,26 @@ class ClusterConfig:
         }
 
     @classmethod
-    def with_free_ports(cls, state_dir: Path, *, secure: bool = False) -> ClusterConfig:
+    def with_free_ports(
+        cls, state_dir: Path, *, secure: bool = False, brokers: int = 1
+    ) -> ClusterConfig:
         """A config on ports that were free a moment ago (for tests running side by side);
-        `secure` adds the broker's SASL_SSL listener.
+        `secure` adds the broker's SASL_SSL listener, `brokers` the number of KRaft nodes.
 
         The ports come from the kernel's ephemeral range, so another process may still take one
         before `up` binds it; `up` then fails with `PortInUse`.
         """
         with ExitStack() as stack:
-            sockets = [stack.enter_context(socket.socket()) for _ in range(6)]
+            sockets = [stack.enter_context(socket.socket()) for _ in range(4 + 2 * brokers)]
             for sock in sockets:
                 sock.bind(("127.0.0.1", 0))
-            kafka_, controller, secure_port, redis_, ch_tcp, ch_http = (
+            secure_port, redis_, ch_tcp, ch_http, kafka_, controller, *others = (
                 sock.getsockname()[1] for sock in sockets
             )
         return cls(
             state_dir=state_dir,
+            kafka_brokers=brokers,
+            kafka_node_ports=tuple(zip(others[::2], others[1::2], strict=True)),
             kafka_port=kafka_,
             kafka_controller_port=controller,
             kafka_secure_port=secure_port if secure else None,
@@ -264,19 +309,21 @@ def up(
     """
     binaries = ensure_installed(auto_install)
     layout = _Layout(config.state_dir)
-    for directory in (layout.logs, layout.kafka_data, layout.redis, layout.clickhouse_data):
+    brokers = [layout.broker(name) / "data" for name in config.broker_parts]
+    for directory in (layout.logs, *brokers, layout.redis, layout.clickhouse_data):
         directory.mkdir(parents=True, exist_ok=True)
     commands = _commands(config, layout, binaries)
     files = _config_files(config, layout)
-    pids = _running_parts(layout, commands, files)
-    to_start = [name for name in PART_NAMES if name not in pids]
+    pids = _running_parts(config, layout, commands, files)
+    to_start = [name for name in config.parts if name not in pids]
     for name in to_start:
         _check_ports_free(config, name)
     for name in to_start:
         for path, text in files[name].items():
             path.write_text(text)
-    if "kafka" in to_start:
-        _format_kafka(config, layout, binaries)
+    for name in to_start:
+        if name in config.broker_parts:
+            _format_kafka(config, layout, binaries, name)
     for name in to_start:
         pids[name] = _spawn(layout, name, commands[name], stop_with_caller)
 
@@ -295,9 +342,11 @@ def down(config: ClusterConfig, *, wipe: bool = False) -> list[str]:
     removed. `wipe=True` also deletes the data, logs and generated files under the state dir.
     """
     layout = _Layout(config.state_dir)
-    stopped = _stop_parts(layout, PART_NAMES, signal.SIGTERM)
+    brokers = sorted(set(config.broker_parts) | set(layout.brokers_on_disk()))
+    stopped = _stop_parts(layout, [*brokers, *PART_NAMES[1:]], signal.SIGTERM)
     if wipe:
-        for directory in (layout.logs, layout.kafka, layout.redis, layout.clickhouse):
+        folders = [layout.broker(name) for name in brokers]
+        for directory in (layout.logs, *folders, layout.redis, layout.clickhouse):
             shutil.rmtree(directory, ignore_errors=True)
         layout.env_file.unlink(missing_ok=True)
         if layout.root.is_dir() and not any(layout.root.iterdir()):
@@ -306,7 +355,8 @@ def down(config: ClusterConfig, *, wipe: bool = False) -> list[str]:
 
 
 def stop_part(config: ClusterConfig, name: str, *, kill: bool = False) -> bool:
-    """Stop one part of the cluster (`kafka`, `redis` or `clickhouse`); `up` starts it again.
+    """Stop one part of the cluster (`kafka`, `kafka-2` ..., `redis` or `clickhouse`); `up`
+    starts it again.
 
     For playing outages: SIGTERM (a clean shutdown) by default, SIGKILL with `kill=True` (a
     crash); either way the part is gone when this returns. Only a process this state directory
@@ -315,8 +365,8 @@ def stop_part(config: ClusterConfig, name: str, *, kill: bool = False) -> bool:
     a killed broker recovers its log segments at start); Redis's data only with
     `redis_durable`; ClickHouse's tables and rows always.
     """
-    if name not in PART_NAMES:
-        raise ValueError(f"no part named {name!r}; parts are {', '.join(PART_NAMES)}")
+    if name not in config.parts:
+        raise ValueError(f"no part named {name!r}; parts are {', '.join(config.parts)}")
     sig = signal.SIGKILL if kill else signal.SIGTERM
     return bool(_stop_parts(_Layout(config.state_dir), [name], sig))
 
@@ -324,7 +374,7 @@ def stop_part(config: ClusterConfig, name: str, *, kill: bool = False) -> bool:
 def status(config: ClusterConfig) -> list[PartStatus]:
     """The state of each part, probing its port; never starts or stops anything."""
     layout = _Layout(config.state_dir)
-    return [_part_status(config, layout, name) for name in PART_NAMES]
+    return [_part_status(config, layout, name) for name in config.parts]
 
 
 def shell_exports(config: ClusterConfig) -> str:
@@ -339,13 +389,22 @@ class _Layout:
         self.root = state_dir.absolute()
         self.logs = self.root / "logs"
         self.kafka = self.root / "kafka"
-        self.kafka_data = self.kafka / "data"
         self.tls = self.kafka / "tls"
         self.scram_password = self.kafka / "scram.password"
         self.redis = self.root / "redis"
         self.clickhouse = self.root / "clickhouse"
         self.clickhouse_data = self.clickhouse / "data"
         self.env_file = self.root / "cluster.env"
+
+    def broker(self, part: str) -> Path:
+        """A broker's folder: its config files and, under `data`, its log."""
+        return self.kafka if part == "kafka" else self.root / part
+
+    def brokers_on_disk(self) -> list[str]:
+        """The part names of the brokers this state directory has folders or PID files for."""
+        extra = {p.name for p in self.root.glob("kafka-*") if p.is_dir()}
+        extra |= {p.stem for p in self.root.glob("kafka-*.pid")}
+        return ["kafka", *sorted(extra, key=lambda name: int(name.split("-")[1]))]
 
     def pid_file(self, name: str) -> Path:
         return self.root / f"{name}.pid"
@@ -400,8 +459,14 @@ def _install(missing: list[str]) -> None:
 
 
 def _commands(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> dict[str, list[str]]:
-    return {
-        "kafka": kafka.broker_command(binaries.java, Path(binaries.kafka_libs), layout.kafka),
+    heap = kafka.HEAP_MB if config.kafka_brokers == 1 else kafka.CLUSTER_HEAP_MB
+    brokers = {
+        name: kafka.broker_command(
+            binaries.java, Path(binaries.kafka_libs), layout.broker(name), heap_mb=heap
+        )
+        for name in config.broker_parts
+    }
+    return brokers | {
         # Without --set-proc-title no, Redis rewrites its argv and the PID-file check fails.
         "redis": [
             binaries.redis_server,
@@ -430,20 +495,28 @@ def _commands(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> dic
 
 def _config_files(config: ClusterConfig, layout: _Layout) -> dict[str, dict[Path, str]]:
     """The generated files each part reads at start, by part: path -> text."""
-    node = kafka.Node(
-        node_id=1,
-        host=config.host,
-        port=config.kafka_port,
-        controller_port=config.controller_port,
-        log_dir=layout.kafka_data,
-        secure_port=config.kafka_secure_port,
-    )
+    nodes = [
+        kafka.Node(
+            node_id=i + 1,
+            host=config.host,
+            port=client,
+            controller_port=controller,
+            log_dir=layout.broker(name) / "data",
+            secure_port=config.kafka_secure_port if i == 0 else None,
+        )
+        for i, (name, (client, controller)) in enumerate(
+            zip(config.broker_parts, config.broker_ports, strict=True)
+        )
+    ]
     tls = {"keystore": layout.tls / "keystore.pem"} if config.kafka_secure_port else None
-    return {
-        "kafka": {
-            layout.kafka / "server.properties": kafka.server_properties(node, [node], tls),
-            layout.kafka / "log4j2.properties": kafka.log4j2_properties(),
-        },
+    brokers = {
+        name: {
+            layout.broker(name) / "server.properties": kafka.server_properties(node, nodes, tls),
+            layout.broker(name) / "log4j2.properties": kafka.log4j2_properties(),
+        }
+        for name, node in zip(config.broker_parts, nodes, strict=True)
+    }
+    return brokers | {
         "redis": {},
         "clickhouse": {
             layout.clickhouse / "config.xml": _clickhouse_config(config, layout),
@@ -452,13 +525,14 @@ def _config_files(config: ClusterConfig, layout: _Layout) -> dict[str, dict[Path
     }
 
 
-def _format_kafka(config: ClusterConfig, layout: _Layout, binaries: Binaries) -> None:
-    """Format the broker's storage the first time (`kafka-storage.sh format`), with the cluster
-    id kept in `<state>/kafka/cluster.id`; make the secure listener's certificate and SCRAM
-    password first when it is on. A formatted log directory is left as it is."""
+def _format_kafka(config: ClusterConfig, layout: _Layout, binaries: Binaries, part: str) -> None:
+    """Format a broker's storage the first time (`kafka-storage.sh format`), with the cluster
+    id every broker shares kept in `<state>/kafka/cluster.id`; make the secure listener's
+    certificate and SCRAM password first when it is on. A formatted log directory is left as
+    it is."""
     if config.kafka_secure_port is not None:
         _ensure_tls(config, layout)
-    if (layout.kafka_data / "meta.properties").exists():
+    if (layout.broker(part) / "data" / "meta.properties").exists():
         return
     id_file = layout.kafka / "cluster.id"
     if not id_file.exists():
@@ -471,7 +545,7 @@ def _format_kafka(config: ClusterConfig, layout: _Layout, binaries: Binaries) ->
     argv = kafka.format_command(
         binaries.java,
         Path(binaries.kafka_libs),
-        layout.kafka / "server.properties",
+        layout.broker(part) / "server.properties",
         id_file.read_text().strip(),
         users,
     )
@@ -516,11 +590,22 @@ def _ensure_tls(config: ClusterConfig, layout: _Layout) -> None:
 
 
 def _running_parts(
-    layout: _Layout, commands: dict[str, list[str]], files: dict[str, dict[Path, str]]
+    config: ClusterConfig,
+    layout: _Layout,
+    commands: dict[str, list[str]],
+    files: dict[str, dict[Path, str]],
 ) -> dict[str, int]:
-    """The pid of each running part; raises `ClusterError` if one runs with other settings."""
+    """The pid of each running part; raises `ClusterError` if one runs with other settings
+    (a broker of another cluster size included)."""
+    for name in set(layout.brokers_on_disk()) - set(config.broker_parts):
+        pid, _ = _our_process(layout, name)
+        if pid is not None:
+            raise ClusterError(
+                f"{name} is running (pid {pid}): this state directory runs a cluster of more "
+                f"brokers than {config.kafka_brokers}; stop it first with `sluice dev down`."
+            )
     running = {}
-    for name in PART_NAMES:
+    for name in config.parts:
         pid, recorded = _our_process(layout, name)
         if pid is None:
             continue
@@ -605,19 +690,22 @@ _CLICKHOUSE_USERS = """<?xml version="1.0"?>
 """
 
 
-def _ports(config: ClusterConfig, name: str) -> dict[str, int]:
-    """The ports a part listens on, by the ClusterConfig field that sets each."""
+def _ports(config: ClusterConfig, name: str) -> list[tuple[str, int]]:
+    """The ports a part listens on, each with the ClusterConfig field that sets it."""
+    if name in config.broker_parts[1:]:
+        client, controller = config.broker_ports[config.broker_parts.index(name)]
+        return [("kafka_node_ports", client), ("kafka_node_ports", controller)]
     names = {
         "kafka": ["kafka_port", "controller_port"]
         + (["kafka_secure_port"] if config.kafka_secure_port is not None else []),
         "redis": ["redis_port"],
         "clickhouse": ["clickhouse_tcp_port", "clickhouse_http_port"],
     }[name]
-    return {field: getattr(config, field) for field in names}
+    return [(field, getattr(config, field)) for field in names]
 
 
 def _check_ports_free(config: ClusterConfig, name: str) -> None:
-    for field, port in _ports(config, name).items():
+    for field, port in _ports(config, name):
         if not _port_free(config.host, port):
             option = field.replace("_", "-")
             raise PortInUse(
@@ -733,24 +821,29 @@ def _wait_for_exit(pid: int, deadline: float) -> bool:
 
 
 def _part_status(config: ClusterConfig, layout: _Layout, name: str) -> PartStatus:
-    ports = _ports(config, name)
-    port = next(iter(ports.values()))
-    pid, _ = _our_process(layout, name)
+    ports = [port for _, port in _ports(config, name)]
+    pid, argv = _our_process(layout, name)
     if pid is None:
-        taken = [p for p in ports.values() if not _port_free(config.host, p)]
+        taken = [p for p in ports if not _port_free(config.host, p)]
         detail = "not running"
         if taken:
             detail += f"; port {taken[0]} is used by another process"
-        return PartStatus(name, port, None, False, False, detail)
-    problem = _PROBES[name](config)
-    return PartStatus(name, port, pid, True, problem is None, problem or _endpoint(config, name))
+        return PartStatus(name, ports[0], None, False, False, detail)
+    problem = _problem(config, name)
+    detail = problem or _endpoint(config, name, argv)
+    return PartStatus(name, ports[0], pid, True, problem is None, detail)
 
 
-def _endpoint(config: ClusterConfig, name: str) -> str:
-    _, argv = _our_process(_Layout(config.state_dir), name)
-    secure = f", SASL_SSL :{config.kafka_secure_port}" if config.kafka_secure_port else ""
+def _endpoint(config: ClusterConfig, name: str, argv: list[str]) -> str:
+    """Where a running part answers; `argv` is its recorded command line (the broker's names
+    its version)."""
+    if name in config.broker_parts:
+        index = config.broker_parts.index(name)
+        where = f"{config.host}:{config.broker_ports[index][0]}"
+        secure = f", SASL_SSL :{config.kafka_secure_port}" if config.kafka_secure_port else ""
+        node = f", node {index + 1} of {config.kafka_brokers}" if config.kafka_brokers > 1 else ""
+        return f"{where} (Apache Kafka {kafka.broker_version(argv)}{secure}{node})"
     return {
-        "kafka": f"{config.kafka_bootstrap} (Apache Kafka {kafka.broker_version(argv)}{secure})",
         "redis": config.redis_url,
         "clickhouse": f"{config.host}:{config.clickhouse_tcp_port} "
         f"(http :{config.clickhouse_http_port}, database {config.clickhouse_database})",
@@ -765,14 +858,22 @@ def _accepts_connections(host: str, port: int) -> bool:
         return False
 
 
-def _kafka_problem(config: ClusterConfig) -> str | None:
+def _broker_problem(config: ClusterConfig, part: str) -> str | None:
+    """None once the broker answers a metadata request that lists it (in a cluster of several,
+    a broker registers only after the controllers have a quorum)."""
+    index = config.broker_parts.index(part)
+    port = config.broker_ports[index][0]
     # Connect first: librdkafka would log a retry error for every refused connection.
-    if not _accepts_connections(config.host, config.kafka_port):
+    if not _accepts_connections(config.host, port):
         return "not accepting connections"
     try:
-        _admin(config).list_topics(timeout=2.0)
+        metadata = AdminClient({"bootstrap.servers": f"{config.host}:{port}"}).list_topics(
+            timeout=2.0
+        )
     except KafkaException as exc:
         return f"metadata request failed: {exc}"
+    if index + 1 not in metadata.brokers:
+        return f"not registered yet (brokers {sorted(metadata.brokers)})"
     return None
 
 
@@ -800,11 +901,16 @@ def _clickhouse_problem(config: ClusterConfig) -> str | None:
 
 
 _PROBES: dict[str, Callable[[ClusterConfig], str | None]] = {
-    "kafka": _kafka_problem,
     "redis": _redis_problem,
     "clickhouse": _clickhouse_problem,
 }
-"""Health check of each part: None when healthy, else what is wrong."""
+
+
+def _problem(config: ClusterConfig, name: str) -> str | None:
+    """Health check of a part: None when healthy, else what is wrong."""
+    if name in config.broker_parts:
+        return _broker_problem(config, name)
+    return _PROBES[name](config)
 
 
 def _wait_until_healthy(
@@ -816,13 +922,13 @@ def _wait_until_healthy(
     new program's /proc cmdline can still read empty.
     """
     deadline = time.monotonic() + timeout_s
-    waiting = list(PART_NAMES)
+    waiting = list(config.parts)
     while waiting:
         for name in list(waiting):
             pid = pids[name]
             if not _alive(pid):
                 raise ClusterError(f"{name} exited during startup; {_log_tail(layout, name)}")
-            problem = _PROBES[name](config)
+            problem = _problem(config, name)
             if problem is None:
                 waiting.remove(name)
             elif time.monotonic() >= deadline:
@@ -857,8 +963,9 @@ def _ensure_topics(config: ClusterConfig) -> None:
     existing = admin.list_topics(timeout=10.0).topics
     missing = [spec for spec in CATALOG if spec.name not in existing]
     if missing:
+        replicas = config.replication_factor
         futures = admin.create_topics(
-            [NewTopic(spec.name, spec.partitions, 1, config=spec.config()) for spec in missing],
+            [NewTopic(s.name, s.partitions, replicas, config=s.config()) for s in missing],
             operation_timeout=10.0,
             request_timeout=10.0,
         )

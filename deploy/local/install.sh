@@ -13,10 +13,7 @@ while read -r pkg; do
   [[ -z "$pkg" || "$pkg" == \#* ]] && continue
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done < "$here/apt-packages.txt"
-java_major() { "$1" -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
-if ! command -v java >/dev/null || (( $(java_major java || echo 0) < 17 )); then
-  missing+=(openjdk-17-jre-headless)
-fi
+(cd "$repo" && "$python" -m deploy.local.kafka java >/dev/null) || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]] && ! command -v sudo >/dev/null; then

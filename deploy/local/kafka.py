@@ -25,13 +25,16 @@ from pathlib import Path
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 """The pinned broker version and its logging binding; the one place the version is set."""
 
-HEAP = "-Xmx512m"
-"""Broker heap. Kafka's start script uses 1 GiB; see docs/benchmarks.md for what the demo and
-the benchmarks use (the page cache, not the heap, holds the log)."""
+HEAP_MB = 512
+"""Heap of a one-node cluster's broker. Kafka's start script uses 1 GiB; see docs/benchmarks.md
+for what the demo and the benchmarks use (the page cache, not the heap, holds the log)."""
+
+CLUSTER_HEAP_MB = 384
+"""Heap of each broker in a cluster of several: each leads a share of the partitions and
+follows the rest."""
 
 JVM_FLAGS = (
     "-server",
-    HEAP,
     "-Xms128m",
     "-XX:+UseG1GC",
     "-XX:MaxGCPauseMillis=20",
@@ -40,7 +43,8 @@ JVM_FLAGS = (
     "-XX:MaxInlineLevel=15",
     "-Djava.awt.headless=true",
 )
-"""`kafka-run-class.sh`'s flags for the broker, with `HEAP` instead of its 1 GiB."""
+"""`kafka-run-class.sh`'s flags for the broker, less its 1 GiB heap (`broker_command` sets
+the heap)."""
 
 TOOL_JVM_FLAGS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 """For the one-shot storage tool: it starts about twice as fast with the client compiler."""
@@ -246,10 +250,13 @@ def log4j2_properties() -> str:
     return _LOG4J2
 
 
-def broker_command(java_bin: str, jars: Path, config_dir: Path) -> list[str]:
+def broker_command(
+    java_bin: str, jars: Path, config_dir: Path, heap_mb: int = HEAP_MB
+) -> list[str]:
     """The broker's command line (what `kafka-server-start.sh server.properties` runs)."""
     return [
         java_bin,
+        f"-Xmx{heap_mb}m",
         *JVM_FLAGS,
         f"-Dlog4j2.configurationFile={config_dir / 'log4j2.properties'}",
         "-cp",
@@ -298,7 +305,8 @@ def broker_version(argv: Sequence[str]) -> str | None:
 
 
 def main(args: Sequence[str]) -> int:
-    """`python -m deploy.local.kafka install|home|version`."""
+    """`python -m deploy.local.kafka install|home|version|java`; `java` prints the java >= 17 the
+    broker would run on and exits 1 when there is none (install.sh asks it before apt)."""
     if list(args) == ["install"]:
         try:
             print(install())
@@ -312,7 +320,11 @@ def main(args: Sequence[str]) -> int:
     if list(args) == ["version"]:
         print(version())
         return 0
-    print("usage: python -m deploy.local.kafka install|home|version", file=sys.stderr)
+    if list(args) == ["java"]:
+        found = java()
+        print(found or "no java >= 17 ($JAVA_HOME/bin/java or on PATH)")
+        return 0 if found else 1
+    print("usage: python -m deploy.local.kafka install|home|version|java", file=sys.stderr)
     return 2
 
 

@@ -92,6 +92,12 @@ def topic_partitions(client: Producer, topic: str, timeout_s: float = 5.0) -> li
     return sorted(metadata.partitions)
 
 
+def replication_factor(brokers: int) -> int:
+    """Replicas for a topic a service creates: one per broker, at most three (what the catalog's
+    topics get from `sluice dev up`), so a topic outlives a broker wherever the cluster can."""
+    return max(1, min(3, brokers))
+
+
 def sticky_partition(partitions: Sequence[int], now_ms: int, slice_ms: int, salt: int = 0) -> int:
     """The partition for a message sent at `now_ms` when partitions take turns in time slices of
     `slice_ms`, starting at `salt` (random per producer, so producers do not move in step).

@@ -29,7 +29,7 @@ from redis import Redis, RedisError
 from schemas.messages import Event
 from schemas.topics import DLQ
 from services.common.codec import DecodeError, decode, encode
-from services.common.kafka import client_config
+from services.common.kafka import client_config, replication_factor
 from services.common.worker import FixedBatch, KafkaWorker, Output, Record, RetryableError
 from services.common.worker import dead_letter as dead_letter_output
 from services.features.definitions import FeatureRegistry
@@ -69,10 +69,13 @@ class Pipeline:
         """Create the repartition topic with its explicit partition count if it is missing."""
         admin = AdminClient(client_config(self.settings))
         name, partitions = self.repartition_topic, self.settings.features_repartition_partitions
-        existing = admin.list_topics(timeout=10).topics.get(name)
+        metadata = admin.list_topics(timeout=10)
+        existing = metadata.topics.get(name)
         if existing is None:
             config = {"cleanup.policy": "delete", "retention.ms": str(REPARTITION_RETENTION_MS)}
-            future = admin.create_topics([NewTopic(name, partitions, 1, config=config)])[name]
+            replicas = replication_factor(len(metadata.brokers))
+            topic = NewTopic(name, partitions, replicas, config=config)
+            future = admin.create_topics([topic])[name]
             try:
                 future.result(timeout=15)
             except KafkaException as exc:

@@ -12,24 +12,29 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from deploy.demo.generator import DemoItem
+from deploy.demo.publish import publish
 from deploy.demo.run import Service, start_services, stop_services
 from deploy.local.cluster import ClusterConfig
 from schemas.messages import PredictionRequest
 from schemas.topics import PREDICTIONS, REQUESTS
 from services.common.codec import encode
+from services.common.kafka import make_producer
+from services.common.settings import SluiceSettings
 from services.features.client import write_features
 from tests.helpers.models import CARD_FEATURES, MERCHANT_FEATURES
 from tests.support import json_bodies, produce_all
+from tests.test_features_support import Positioned
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_FEATURES = REPO / "deploy" / "demo" / "features.yaml"
@@ -57,8 +62,9 @@ class Stack:
         self.services: dict[str, Service] = {}
         self.urls: dict[str, str] = {}
 
-    def add(self, name: str, **env: str) -> Service:
-        """Declare service `name` (ingest, inference, features, monitor) with extra settings."""
+    def add(self, name: str, *, instance: str | None = None, **env: str) -> Service:
+        """Declare service `name` (ingest, inference, features, monitor) with extra settings;
+        `instance` names a second process of the same service (`inference-2`)."""
         port = free_port()
         local = f"http://127.0.0.1:{port}"
         own = {
@@ -74,9 +80,10 @@ class Stack:
                 "SLUICE_FEATURES_BROKER_REBALANCE_TIMEOUT_S": "6",
             },
         }[name]
-        service = Service(name, {**self.base, **own, **env}, f"{local}/readyz")
-        self.services[name] = service
-        self.urls[name] = local
+        key = instance or name
+        service = Service(key, {**self.base, **own, **env}, f"{local}/readyz", module=name)
+        self.services[key] = service
+        self.urls[key] = local
         return service
 
     def url(self, name: str) -> str:
@@ -361,3 +368,78 @@ def summary(answers: list[Answer]) -> dict[tuple[int, str | None], int]:
         key = (answer.status, answer.code)
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def paced(items: Iterator, rate: float, stop: threading.Event) -> Iterator:
+    """`items` at `rate` per second until `stop` is set."""
+    started = time.monotonic()
+    for i, item in enumerate(items):
+        if stop.is_set():
+            return
+        if (delay := started + i / rate - time.monotonic()) > 0:
+            time.sleep(delay)
+        yield item
+
+
+class AsyncRequests(threading.Thread):
+    """Produces asynchronous requests at a steady rate; records which the broker acknowledged
+    (delivery report without error) and when."""
+
+    def __init__(
+        self, bootstrap: str, items: list[tuple[str, bytes]], ids: list[str], rate: float
+    ) -> None:
+        super().__init__(daemon=True)
+        self.items, self.ids, self.rate = items, ids, rate
+        self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
+        self.acked: dict[str, float] = {}
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for (key, value), request_id in paced(
+            iter(zip(self.items, self.ids, strict=True)), self.rate, self.stop
+        ):
+            self.producer.produce(
+                REQUESTS.name, value, key, on_delivery=self._delivered(request_id)
+            )
+            self.producer.poll(0)
+        if self.producer.flush(120) > 0:
+            self.failed.append("requests still unacknowledged 120 s after the last was sent")
+
+    def _delivered(self, request_id: str):
+        def report(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                self.acked[request_id] = time.monotonic()
+            else:
+                self.failed.append(f"{request_id}: {error}")
+
+        return report
+
+
+class Events(threading.Thread):
+    """Publishes a demo stream's events at a steady rate; records each acknowledged one with
+    its partition and offset."""
+
+    def __init__(self, bootstrap: str, items: list[DemoItem], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.items, self.rate = items, rate
+        self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
+        self.placed: list[Positioned] = []
+        self.error: Exception | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._publish()
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            self.error = exc
+
+    def _publish(self) -> None:
+        publish(
+            self.producer,
+            paced(iter(self.items), self.rate, self.stop),
+            labels_topic=None,
+            on_delivered=lambda event, partition, offset: self.placed.append(
+                Positioned(event, partition, offset)
+            ),
+        )

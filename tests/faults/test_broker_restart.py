@@ -16,25 +16,21 @@ SIGKILL and started again from its log on disk. What must hold, counted:
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from clickhouse_driver import Client
-from confluent_kafka import KafkaError, Message
 from redis import Redis
 
-from deploy.demo.generator import DemoConfig, DemoItem, generate
-from deploy.demo.publish import publish
+from deploy.demo.generator import DemoConfig, generate
 from deploy.local.cluster import stop_part, up
-from schemas.topics import EVENTS, REQUESTS
-from services.common.kafka import make_producer
-from services.common.settings import SluiceSettings
+from schemas.topics import EVENTS
 from services.features.definitions import FeatureRegistry
 from tests.faults.support import (
+    AsyncRequests,
+    Events,
     SyncLoad,
     encoded_requests,
     late_answers,
@@ -46,7 +42,6 @@ from tests.faults.support import (
 )
 from tests.test_features_support import (
     DEMO_DEFINITIONS,
-    Positioned,
     applied_fraction,
     read_store,
     reference_store,
@@ -60,79 +55,6 @@ SLACK_S = 2.5
 ASYNC_RATE = 50
 EVENT_RATE = 100
 """Asynchronous requests and events produced per second, all through the outage."""
-
-
-def paced(items: Iterator, rate: float, stop: threading.Event) -> Iterator:
-    """`items` at `rate` per second until `stop` is set."""
-    started = time.monotonic()
-    for i, item in enumerate(items):
-        if stop.is_set():
-            return
-        if (delay := started + i / rate - time.monotonic()) > 0:
-            time.sleep(delay)
-        yield item
-
-
-class AsyncRequests(threading.Thread):
-    """Produces asynchronous requests at a steady rate; records which the broker acknowledged
-    (delivery report without error) and when."""
-
-    def __init__(self, bootstrap: str, items: list[tuple[str, bytes]], ids: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.items, self.ids = items, ids
-        self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
-        self.acked: dict[str, float] = {}
-        self.failed: list[str] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        for (key, value), request_id in paced(
-            iter(zip(self.items, self.ids, strict=True)), ASYNC_RATE, self.stop
-        ):
-            self.producer.produce(
-                REQUESTS.name, value, key, on_delivery=self._delivered(request_id)
-            )
-            self.producer.poll(0)
-        if self.producer.flush(120) > 0:
-            self.failed.append("requests still unacknowledged 120 s after the last was sent")
-
-    def _delivered(self, request_id: str):
-        def report(error: KafkaError | None, _message: Message) -> None:
-            if error is None:
-                self.acked[request_id] = time.monotonic()
-            else:
-                self.failed.append(f"{request_id}: {error}")
-
-        return report
-
-
-class Events(threading.Thread):
-    """Publishes a demo stream's events at a steady rate; records each acknowledged one with
-    its partition and offset."""
-
-    def __init__(self, bootstrap: str, items: list[DemoItem]) -> None:
-        super().__init__(daemon=True)
-        self.items = items
-        self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
-        self.placed: list[Positioned] = []
-        self.error: Exception | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._publish()
-        except Exception as exc:  # noqa: BLE001 - the test reads it
-            self.error = exc
-
-    def _publish(self) -> None:
-        publish(
-            self.producer,
-            paced(iter(self.items), EVENT_RATE, self.stop),
-            labels_topic=None,
-            on_delivered=lambda event, partition, offset: self.placed.append(
-                Positioned(event, partition, offset)
-            ),
-        )
 
 
 def test_broker_kill_9_loses_nothing_acknowledged_and_every_service_carries_on(
@@ -150,13 +72,17 @@ def test_broker_kill_9_loses_nothing_acknowledged_and_every_service_carries_on(
     tag = uuid.uuid4().hex[:8]
     async_ids = [f"{tag}-a{i}" for i in range(ASYNC_RATE * 300)]
     requests = AsyncRequests(
-        cluster.kafka_bootstrap, encoded_requests("fraud", prefix, async_ids), async_ids
+        cluster.kafka_bootstrap,
+        encoded_requests("fraud", prefix, async_ids),
+        async_ids,
+        ASYNC_RATE,
     )
     stream = DemoConfig(
         seed=5, cards=300, merchants=30, txns_per_card_per_day=150,
         start_ms=int(time.time() * 1000) - 8 * 3_600_000, id_prefix=f"kill{tag}-",
     )  # fmt: skip
-    events = Events(cluster.kafka_bootstrap, list(itertools.islice(generate(stream), 12_000)))
+    items = list(itertools.islice(generate(stream), 12_000))
+    events = Events(cluster.kafka_bootstrap, items, EVENT_RATE)
     load = SyncLoad(
         stack.url("ingest"),
         "fraud",
