@@ -4,7 +4,7 @@ STAMP := .sluice/.installed-$(shell cat pyproject.toml deploy/local/apt-packages
 COMPOSE ?= docker compose -f deploy/docker-compose.yml
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench soak lint format schemas up down clean
+.PHONY: install run test bench soak faults-cluster lint format schemas up down clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ SOAK_SECONDS ?= 600
 SOAK_RATE ?= 50
 soak: install ## every service under steady load (SOAK_SECONDS, SOAK_RATE); not part of CI
 	$(PYTHON) -m tests.soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
+
+faults-cluster: install ## broker loss on a three-broker cluster under load (not in make test; SLUICE_FAULTS_WINDOW_S)
+	SLUICE_FAULTS_WINDOW_S=60 $(PYTHON) -m pytest -q -s -m cluster_faults tests/faults/test_cluster_broker_loss.py
 
 lint: install
 	$(PYTHON) -m ruff check .

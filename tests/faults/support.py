@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
@@ -27,13 +28,13 @@ from deploy.demo.publish import publish
 from deploy.demo.run import Service, start_services, stop_services
 from deploy.local.cluster import ClusterConfig
 from schemas.messages import PredictionRequest
-from schemas.topics import PREDICTIONS, REQUESTS
+from schemas.topics import EVENTS, PREDICTIONS, REQUESTS
 from services.common.codec import encode
 from services.common.kafka import make_producer
 from services.common.settings import SluiceSettings
 from services.features.client import write_features
 from tests.helpers.models import CARD_FEATURES, MERCHANT_FEATURES
-from tests.support import json_bodies, produce_all
+from tests.support import json_bodies, produce_all, read_topic
 from tests.test_features_support import Positioned
 
 REPO = Path(__file__).resolve().parents[2]
@@ -418,11 +419,19 @@ class AsyncRequests(threading.Thread):
 
 class Events(threading.Thread):
     """Publishes a demo stream's events at a steady rate; records each acknowledged one with
-    its partition and offset."""
+    its partition and offset.
+
+    An acknowledgement can come without an offset (None): when a retried batch was already
+    written before a leader moved, the broker answers the idempotent producer's duplicate
+    sequence with success but no offset. `placed` then looks those up on the topic at the
+    end of `run`."""
 
     def __init__(self, bootstrap: str, items: list[DemoItem], rate: float) -> None:
         super().__init__(daemon=True)
+        self.bootstrap = bootstrap
         self.items, self.rate = items, rate
+        self.unplaced = 0
+        """Acknowledgements that came without an offset."""
         self.producer = make_producer(SluiceSettings(kafka_bootstrap=bootstrap))
         self.placed: list[Positioned] = []
         self.error: Exception | None = None
@@ -431,8 +440,33 @@ class Events(threading.Thread):
     def run(self) -> None:
         try:
             self._publish()
+            self._place_unplaced()
         except Exception as exc:  # noqa: BLE001 - the test reads it
             self.error = exc
+
+    def _place_unplaced(self) -> None:
+        missing = {p.event.event_id: p for p in self.placed if p.offset is None}
+        self.unplaced = len(missing)
+        if not missing:
+            return
+        found: dict[str, Positioned] = {}
+
+        def all_found(messages: list) -> bool:
+            for message in messages[len(seen) :]:
+                seen.append(message)
+                try:
+                    event_id = orjson.loads(message.value()).get("event_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if event_id in missing:
+                    found[event_id] = Positioned(
+                        missing[event_id].event, message.partition(), message.offset()
+                    )
+            return len(found) == len(missing)
+
+        seen: list = []
+        read_topic(self.bootstrap, EVENTS.name, all_found, 60)
+        self.placed = [found.get(p.event.event_id, p) for p in self.placed]
 
     def _publish(self) -> None:
         publish(
