@@ -309,7 +309,7 @@ def up(
     """
     binaries = ensure_installed(auto_install)
     layout = _Layout(config.state_dir)
-    brokers = [layout.broker(name) / "data" for name in config.broker_parts]
+    brokers = [layout.broker_log(name) for name in config.broker_parts]
     for directory in (layout.logs, *brokers, layout.redis, layout.clickhouse_data):
         directory.mkdir(parents=True, exist_ok=True)
     commands = _commands(config, layout, binaries)
@@ -399,6 +399,10 @@ class _Layout:
     def broker(self, part: str) -> Path:
         """A broker's folder: its config files and, under `data`, its log."""
         return self.kafka if part == "kafka" else self.root / part
+
+    def broker_log(self, part: str) -> Path:
+        """A broker's log directory (`log.dirs`)."""
+        return self.broker(part) / "data"
 
     def brokers_on_disk(self) -> list[str]:
         """The part names of the brokers this state directory has folders or PID files for."""
@@ -501,7 +505,7 @@ def _config_files(config: ClusterConfig, layout: _Layout) -> dict[str, dict[Path
             host=config.host,
             port=client,
             controller_port=controller,
-            log_dir=layout.broker(name) / "data",
+            log_dir=layout.broker_log(name),
             secure_port=config.kafka_secure_port if i == 0 else None,
         )
         for i, (name, (client, controller)) in enumerate(
@@ -532,7 +536,7 @@ def _format_kafka(config: ClusterConfig, layout: _Layout, binaries: Binaries, pa
     it is."""
     if config.kafka_secure_port is not None:
         _ensure_tls(config, layout)
-    if (layout.broker(part) / "data" / "meta.properties").exists():
+    if (layout.broker_log(part) / "meta.properties").exists():
         return
     id_file = layout.kafka / "cluster.id"
     if not id_file.exists():

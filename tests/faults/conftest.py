@@ -8,27 +8,19 @@ Redis stopped or killed by a test comes back with its data, as a production Redi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from deploy.local.cluster import ClusterConfig, down, status, up
-from tests.faults.support import Stack
+from deploy.local.cluster import ClusterConfig, status, up
+from tests.faults.support import Stack, running_cluster
 from tests.helpers.models import write_version
 
 
 @pytest.fixture(scope="module")
 def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
     """A running private cluster on free ports with every catalog topic and table."""
-    config = replace(
-        ClusterConfig.with_free_ports(tmp_path_factory.mktemp("fault-cluster")), redis_durable=True
-    )
-    try:
-        up(config, auto_install=False, stop_with_caller=True)
-        yield config
-    finally:
-        down(config, wipe=True)
+    yield from running_cluster(tmp_path_factory.mktemp("fault-cluster"))
 
 
 @pytest.fixture

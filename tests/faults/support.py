@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -26,7 +26,7 @@ from redis import Redis
 from deploy.demo.generator import DemoItem
 from deploy.demo.publish import publish
 from deploy.demo.run import Service, start_services, stop_services
-from deploy.local.cluster import ClusterConfig
+from deploy.local.cluster import ClusterConfig, down, up
 from schemas.messages import PredictionRequest
 from schemas.topics import EVENTS, PREDICTIONS, REQUESTS
 from services.common.codec import encode
@@ -46,6 +46,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def running_cluster(state_dir: Path, brokers: int = 1) -> Iterator[ClusterConfig]:
+    """A private cluster on free ports (durable Redis) with every catalog topic and table, up
+    while the generator is; for module fixtures."""
+    config = replace(ClusterConfig.with_free_ports(state_dir, brokers=brokers), redis_durable=True)
+    try:
+        up(config, auto_install=False, stop_with_caller=True)
+        yield config
+    finally:
+        down(config, wipe=True)
 
 
 class Stack:

@@ -26,7 +26,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ from confluent_kafka.admin import AdminClient
 from redis import Redis
 
 from deploy.demo.generator import DemoConfig, generate
-from deploy.local.cluster import ClusterConfig, down, status, stop_part, up
+from deploy.local.cluster import ClusterConfig, status, stop_part, up
 from schemas.topics import CATALOG, EVENTS, REQUESTS
 from services.common.settings import SluiceSettings
 from services.features.definitions import FeatureRegistry
@@ -49,6 +48,7 @@ from tests.faults.support import (
     late_answers,
     predictions_for,
     request_body,
+    running_cluster,
     seed_online_features,
     summary,
     wait_for,
@@ -78,13 +78,7 @@ shared cores. Measured values are printed and in docs/reliability.md."""
 
 @pytest.fixture(scope="module")
 def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
-    config = ClusterConfig.with_free_ports(tmp_path_factory.mktemp("brokers3"), brokers=3)
-    config = replace(config, redis_durable=True)
-    try:
-        up(config, auto_install=False, stop_with_caller=True)
-        yield config
-    finally:
-        down(config, wipe=True)
+    yield from running_cluster(tmp_path_factory.mktemp("brokers3"), brokers=3)
 
 
 @pytest.fixture
