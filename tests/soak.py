@@ -3,7 +3,8 @@ steady load for a while, then a report.
 
 Starts a private local cluster on free ports and the five services exactly as `sluice demo` does
 (`deploy.demo.run`: demo models, features definitions, monitor and rollout on), then for
-`--seconds` (default 600) sends `--rate` synchronous predictions per second through the gateway,
+`--seconds` (default 600) sends `--rate` synchronous predictions per second (reached linearly
+over `--ramp` seconds, default 30, while the broker's JIT warms up) through the gateway,
 each transaction's event through the gateway's `/v1/events` (so the features stream and the
 monitor's events sink have work) and its label through `/v1/labels`. Every 10 s it samples the
 resident memory (/proc) of each service and cluster part. At the end it waits for the consumers
@@ -13,8 +14,9 @@ librdkafka statistics) and counts what reached ClickHouse.
 Targets, each reported as met or not (exit status 1 if one is missed): no failed request; every
 answered prediction, event and label stored in ClickHouse; consumer lag at most `--max-lag`
 messages at the end; no service's RSS grows by more than `--rss-growth-mib` between the first
-sample after the warm-up (`--warmup`) and the end. Prints a table and writes JSON to
-`.bench/soak.json`.
+sample after the warm-up (`--warmup`, default the gateway's idempotency TTL + 30 s: it keeps
+every request id that long, so its memory grows until then by design) and the end. Prints a
+table and writes JSON to `.bench/soak.json`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from deploy.demo.train import request_features
 from deploy.local.cluster import ClusterConfig, down, status, up
 from services.common.codec import encode
 from services.common.settings import SluiceSettings
+from services.ingest.settings import IngestSettings
 from tests.bench.harness import machine
 from tests.faults.support import free_port, metric_total, rss_bytes
 
@@ -56,6 +59,8 @@ class Driver:
 
     gateway: str
     rate: float
+    ramp_s: float = 0.0
+    """The rate rises linearly from 0 to `rate` over this long (the broker's JIT warms up)."""
     deadline_ms: int = 2000
     latencies: list[float] = field(default_factory=list)
     sent_at: list[float] = field(default_factory=list)
@@ -98,7 +103,7 @@ class Driver:
             for i, item in enumerate(generate(config)):
                 if self._stop.is_set():
                     break
-                due = started + i / self.rate
+                due = started + due_s(i, self.rate, self.ramp_s)
                 if (delay := due - time.monotonic()) > 0:
                     await asyncio.sleep(delay)
                 event = item.event
@@ -164,6 +169,15 @@ class Driver:
             self.events_sent += accepted
         else:
             self.labels_sent += accepted
+
+
+def due_s(i: int, rate: float, ramp_s: float) -> float:
+    """When request `i` is due, in seconds from the start, for a rate rising linearly from 0 to
+    `rate` over `ramp_s` and steady after: `rate * t**2 / (2 * ramp_s)` requests by time t."""
+    ramped = rate * ramp_s / 2
+    if i < ramped:
+        return math.sqrt(2 * ramp_s * i / rate)
+    return ramp_s + (i - ramped) / rate
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -252,7 +266,7 @@ def soak(seconds: float, rate: float, warmup: float, args: argparse.Namespace) -
         try:
             start_services(stack, cluster.state_dir / "logs", timeout_s=120)
             console.print(f"services ready; soaking {seconds:.0f} s at {rate:g} requests/s")
-            driver = Driver(metrics["ingest"], rate)
+            driver = Driver(metrics["ingest"], rate, ramp_s=args.ramp)
             started_ms = int(time.time() * 1000)
             thread = threading.Thread(target=driver.run, name="soak-driver", daemon=True)
             started = time.monotonic()
@@ -385,11 +399,20 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=summary_line)
     parser.add_argument("--seconds", type=float, default=600.0, help="how long to load (600)")
     parser.add_argument("--rate", type=float, default=50.0, help="predictions per second (50)")
-    parser.add_argument("--warmup", type=float, default=60.0, help="RSS baseline after (60 s)")
+    parser.add_argument("--ramp", type=float, default=30.0, help="seconds to reach --rate (30)")
+    ttl_s = IngestSettings().ingest_idempotency_ttl_s
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=ttl_s + 30,
+        help=f"RSS baseline after this long ({ttl_s + 30:.0f} s: the gateway remembers every "
+        f"request id for SLUICE_INGEST_IDEMPOTENCY_TTL_S={ttl_s:.0f} s, so its memory grows "
+        "until then by design)",
+    )
     parser.add_argument("--max-lag", type=float, default=0.0, help="lag target at the end (0)")
     parser.add_argument("--rss-growth-mib", type=float, default=64.0, help="RSS growth bound")
     args = parser.parse_args(argv)
-    warmup = min(args.warmup, args.seconds / 4)
+    warmup = min(args.warmup, args.seconds / 2)
     return soak(args.seconds, args.rate, warmup, args)
 
 

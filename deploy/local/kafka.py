@@ -41,10 +41,16 @@ JVM_FLAGS = (
     "-XX:InitiatingHeapOccupancyPercent=35",
     "-XX:+ExplicitGCInvokesConcurrent",
     "-XX:MaxInlineLevel=15",
+    "-XX:TieredStopAtLevel=1",
     "-Djava.awt.headless=true",
 )
 """`kafka-run-class.sh`'s flags for the broker, less its 1 GiB heap (`broker_command` sets
-the heap)."""
+the heap), plus the client compiler only (`TieredStopAtLevel=1`): on two cores shared with
+the services, C2 spent ~16 s of CPU in a fresh broker's first two minutes (one C2 thread at
+~0.5 cores), and the broker never earned it back. Measured 2026-12-07 on a fresh broker, C2
+then C1: the floor's relay 157k -> 171k messages/s, the latency floor at 5,000/s p50 90 ->
+7.5 ms and p99 666 -> 173 ms; the gateway at 4 connections, first 5 s, broker 0.94 -> 0.45
+cores; at steady state both ~0.35-0.45 cores (docs/benchmarks.md)."""
 
 TOOL_JVM_FLAGS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 """For the one-shot storage tool: it starts about twice as fast with the client compiler."""
