@@ -4,14 +4,17 @@ Prometheus and Grafana.
 Nothing here needs Docker or a running cluster. The compose file is read with pyyaml and held to
 the conventions written at its top (pinned images, localhost-only ports, healthchecks, ordered
 start-up, existing mounted paths); the topics that `kafka-init` creates are compared with
-`schemas.topics.CATALOG`; each Sluiceway service's compose environment is read by the service's
-own settings class, which must find the compose infrastructure and listen where its healthcheck,
-published port and Prometheus target point; the Dockerfile is checked for pinned bases, a
-non-root user, the `python -m` entrypoint and a build context that admits what it copies; the
-Prometheus and Grafana files are checked for shape and for agreeing with the paths the compose
-file mounts them at. Where `docker compose` (v2) or `docker-compose` (v1) is installed,
-`config -q` validates the compose file as well, and where `promtool` is installed it checks the
-Prometheus files.
+`schemas.topics.CATALOG`; the three-node layout that `--env-file deploy/cluster.env` gives is
+resolved as Compose would and held to one quorum, replication factor 3 and min.insync.replicas 2,
+and kafka-init's wait for every broker is run against stand-in Kafka tools; each Sluiceway
+service's compose environment is read by the service's own settings class, which must find the
+compose infrastructure and listen where its healthcheck, published port and Prometheus target
+point; the Dockerfile is checked for pinned bases, a non-root user, the `python -m` entrypoint
+and a build context that admits what it copies; the Prometheus and Grafana files are checked for
+shape and for agreeing with the paths the compose file mounts them at. Where `docker compose`
+(v2) or `docker-compose` (v1) is installed, `config -q` validates the compose file in both
+layouts and what the tool resolves must equal what these tests resolve; where `promtool` is
+installed it checks the Prometheus files.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -40,6 +44,7 @@ from services.common.settings import SluiceSettings
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+CLUSTER_ENV_FILE = DEPLOY / "cluster.env"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 PROMETHEUS_FILE = DEPLOY / "prometheus" / "prometheus.yml"
@@ -57,7 +62,7 @@ SCRAPE_TARGETS = {
     "monitor:9102",
     "rollout:8082",
 }
-_VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}|\$(\w+)")
+_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 _DURATION_SECONDS = {
     "ms": 0.001,
@@ -76,15 +81,50 @@ def load_yaml(path: Path) -> Any:
         return yaml.safe_load(handle)
 
 
-def interpolate(text: str) -> str:
-    """Resolve compose variables to their defaults, as with an empty environment.
+def interpolate(text: str, variables: Mapping[str, str] | None = None) -> str:
+    """Resolve compose variables as Compose does with exactly `variables` set (none by default).
 
-    `${VAR:-default}` and `${VAR-default}` give `default`, `${VAR}` and `$VAR` give ``, and `$$`
-    is a literal `$`.
+    `${VAR:-default}` gives `default` when VAR is unset or empty, `${VAR-default}` only when it is
+    unset; `${VAR:?message}` and `${VAR?message}` fail the same way; `${VAR}` and `$VAR` give ``
+    when unset, and `$$` is a literal `$`.
     """
-    parts = text.split("$$")
-    resolved = [_VARIABLE.sub(lambda match: match.group(2) or "", part) for part in parts]
-    return "$".join(resolved)
+    values = variables or {}
+
+    def resolve(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(4)
+        operator, default = match.group(2) or "", match.group(3) or ""
+        value = values.get(name)
+        missing = value is None or (operator.startswith(":") and value == "")
+        if missing and operator.endswith("?"):
+            raise ValueError(f"${{{name}}} is required: {default}")
+        return default if missing else str(value)
+
+    return "$".join(_VARIABLE.sub(resolve, part) for part in text.split("$$"))
+
+
+def env_file_variables(path: Path) -> dict[str, str]:
+    """The `KEY=VALUE` lines of a compose env file (`--env-file`), comments and blanks skipped."""
+    variables = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, equals, value = line.removeprefix("export ").partition("=")
+        assert equals and re.fullmatch(r"\w+", key), f"{path.name}: not KEY=VALUE: {line!r}"
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        variables[key] = value
+    return variables
+
+
+def active_services(variables: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The services `up` starts with `variables` set: no profile, or one in COMPOSE_PROFILES."""
+    profiles = {name for name in variables.get("COMPOSE_PROFILES", "").split(",") if name}
+    return {
+        name: service
+        for name, service in SERVICES.items()
+        if not service.get("profiles") or profiles & set(service["profiles"])
+    }
 
 
 def is_one_shot(service: dict[str, Any]) -> bool:
@@ -93,13 +133,15 @@ def is_one_shot(service: dict[str, Any]) -> bool:
     return restart == "no" or restart.startswith("on-failure")
 
 
-def environment(service: dict[str, Any]) -> dict[str, str]:
+def environment(
+    service: dict[str, Any], variables: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """A service's `environment`, list or mapping form, with variables resolved."""
     raw = service.get("environment") or {}
     if isinstance(raw, list):
         pairs = (str(item).partition("=") for item in raw)
-        return {key: interpolate(value) for key, _, value in pairs}
-    return {str(key): interpolate(str(value)) for key, value in raw.items()}
+        return {key: interpolate(value, variables) for key, _, value in pairs}
+    return {str(key): interpolate(str(value), variables) for key, value in raw.items()}
 
 
 @dataclass(frozen=True)
@@ -148,11 +190,12 @@ def host_ip(port: Any) -> str:
     return parts[0] if len(parts) == 3 else ""
 
 
-def published(port: Any) -> tuple[str, str]:
+def published(port: Any, variables: Mapping[str, str] | None = None) -> tuple[str, str]:
     """`(host port, container port)` of a `ports` entry."""
     if isinstance(port, dict):
-        return interpolate(str(port.get("published", ""))), interpolate(str(port["target"]))
-    parts = interpolate(str(port)).split("/")[0].rsplit(":", 2)
+        host, target = str(port.get("published", "")), str(port["target"])
+        return interpolate(host, variables), interpolate(target, variables)
+    parts = interpolate(str(port), variables).split("/")[0].rsplit(":", 2)
     return (parts[-2] if len(parts) > 1 else ""), parts[-1]
 
 
@@ -211,10 +254,10 @@ def shell_text(command: Any) -> str:
     return "\n".join(command) if isinstance(command, list) else str(command)
 
 
-def topic_creates(script: str) -> list[TopicCreate]:
+def topic_creates(script: str, variables: Mapping[str, str] | None = None) -> list[TopicCreate]:
     """Every `kafka-topics.sh --create` in a shell script, with its options."""
     creates = []
-    for line in interpolate(script).replace("\\\n", " ").splitlines():
+    for line in interpolate(script, variables).replace("\\\n", " ").splitlines():
         for statement in re.split(r"&&|;|\|\|", line):
             words = shlex.split(statement, comments=True)
             if "--create" not in words or not any(w.endswith("kafka-topics.sh") for w in words):
@@ -238,6 +281,8 @@ SERVICES: dict[str, dict[str, Any]] = COMPOSE.get("services") or {}
 SERVICE_NAMES = sorted(SERVICES)
 LONG_RUNNING = [name for name in SERVICE_NAMES if not is_one_shot(SERVICES[name])]
 KAFKA_INIT = topic_creates(shell_text(SERVICES.get("kafka-init", {}).get("command", "")))
+# The three-node layout: the variables `--env-file deploy/cluster.env` sets.
+CLUSTER = env_file_variables(CLUSTER_ENV_FILE)
 
 
 # --- compose: structure and conventions ---------------------------------------------------------
@@ -568,10 +613,16 @@ def test_clickhouse_init_creates_the_tables_once_clickhouse_is_healthy() -> None
     assert "Client(" not in script.replace("clickhouse_client(", "")
 
 
+def test_only_the_gpu_service_and_kafka_nodes_2_and_3_have_profiles() -> None:
+    """Everything else runs by default: a profile on, say, redis would leave the services waiting
+    for it."""
+    profiles = {name: s["profiles"] for name, s in SERVICES.items() if "profiles" in s}
+    assert profiles == {"inference-gpu": ["gpu"], "kafka-2": ["cluster"], "kafka-3": ["cluster"]}
+
+
 def test_gpu_profile_runs_inference_on_an_nvidia_gpu() -> None:
     gpu = SERVICES["inference-gpu"]
     assert gpu["profiles"] == ["gpu"]
-    assert all("profiles" not in SERVICES[name] for name in SERVICES if name != "inference-gpu")
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     env = environment(gpu)
@@ -594,6 +645,207 @@ def test_every_configured_variable_is_a_setting() -> None:
     configured |= set(dockerfile_env())
     unknown = {key for key in configured if key.startswith("SLUICE_")} - setting_names()
     assert not unknown, f"not a setting of any service: {sorted(unknown)}"
+
+
+# --- compose: the three-node layout (`--env-file deploy/cluster.env`) ---------------------------
+
+# The layouts these tests read: the default (no variables) and the one cluster.env gives.
+LAYOUTS = {"default": {}, "cluster": CLUSTER}
+
+
+def kafka_nodes(variables: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The Kafka nodes `up` starts in a layout, as service name -> resolved environment."""
+    return {
+        name: environment(service, variables)
+        for name, service in active_services(variables).items()
+        if "KAFKA_PROCESS_ROLES" in (service.get("environment") or {})
+    }
+
+
+def listener(env: dict[str, str], key: str, name: str) -> str:
+    """`host:port` of listener `name` in a node's KAFKA_LISTENERS or KAFKA_ADVERTISED_LISTENERS."""
+    listeners = dict(item.split("://", 1) for item in env[key].split(","))
+    return listeners[name]
+
+
+def voter(name: str, env: dict[str, str]) -> str:
+    """The `id@host:port` entry a node must have in the voters: its service name, its CONTROLLER
+    listener's port."""
+    port = listener(env, "KAFKA_LISTENERS", "CONTROLLER").rsplit(":", 1)[1]
+    return f"{env['KAFKA_NODE_ID']}@{name}:{port}"
+
+
+def test_cluster_env_file_turns_on_the_cluster_profile_in_a_project_of_its_own() -> None:
+    """Only cluster.env starts kafka-2 and kafka-3, and under another project name, so the three
+    nodes never reuse the single node's volume (topics with factor 1 that kafka-init never
+    alters)."""
+    assert CLUSTER["COMPOSE_PROFILES"].split(",") == ["cluster"]
+    assert CLUSTER["COMPOSE_PROJECT_NAME"] not in ("", "deploy")
+    assert sorted(kafka_nodes({})) == ["kafka"]
+    assert sorted(kafka_nodes(CLUSTER)) == ["kafka", "kafka-2", "kafka-3"]
+    assert set(active_services(CLUSTER)) - set(active_services({})) == {"kafka-2", "kafka-3"}
+
+
+def test_default_layout_is_one_kafka_node_with_replication_factor_one() -> None:
+    (env,) = kafka_nodes({}).values()
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == voter("kafka", env) == "1@kafka:9093"
+    for key in (
+        "KAFKA_DEFAULT_REPLICATION_FACTOR",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_MIN_INSYNC_REPLICAS",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR",
+    ):
+        assert env[key] == "1", f"{key}={env[key]}: one node cannot hold more replicas"
+    assert {create.replication_factor for create in KAFKA_INIT} == {1}
+    assert environment(SERVICES["ingest"])["SLUICE_KAFKA_BOOTSTRAP"] == "kafka:9092"
+
+
+def test_cluster_layout_is_three_kafka_nodes_in_one_quorum() -> None:
+    nodes = kafka_nodes(CLUSTER)
+    assert len(nodes) == 3
+    ids = [env["KAFKA_NODE_ID"] for env in nodes.values()]
+    assert sorted(ids) == ["1", "2", "3"], f"node ids {ids}"
+    assert len({env["CLUSTER_ID"] for env in nodes.values()}) == 1, "one cluster id for all"
+    voters = {env["KAFKA_CONTROLLER_QUORUM_VOTERS"] for env in nodes.values()}
+    assert len(voters) == 1, f"nodes disagree on the voters: {voters}"
+    (voters_text,) = voters
+    assert sorted(voters_text.split(",")) == sorted(voter(n, env) for n, env in nodes.items())
+    for name, env in nodes.items():
+        assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, name
+        assert listener(env, "KAFKA_ADVERTISED_LISTENERS", "PLAINTEXT") == f"{name}:9092"
+
+
+def test_cluster_layout_replicates_internal_topics_three_times_with_min_isr_two() -> None:
+    """Factor 3 with min ISR 2: an acks=all write goes on while any one node is down."""
+    for name, env in kafka_nodes(CLUSTER).items():
+        for key in (
+            "KAFKA_DEFAULT_REPLICATION_FACTOR",
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+            "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+            "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR",
+        ):
+            assert env[key] == "3", f"{name}: {key}={env[key]}"
+        for key in (
+            "KAFKA_MIN_INSYNC_REPLICAS",
+            "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+            "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR",
+        ):
+            assert env[key] == "2", f"{name}: {key}={env[key]}"
+
+
+def test_cluster_kafka_init_creates_every_catalog_topic_with_factor_three_and_min_isr_two() -> None:
+    creates = topic_creates(shell_text(SERVICES["kafka-init"]["command"]), CLUSTER)
+    assert sorted(create.topic for create in creates) == sorted(spec.name for spec in CATALOG)
+    broker_min_isr = {env["KAFKA_MIN_INSYNC_REPLICAS"] for env in kafka_nodes(CLUSTER).values()}
+    assert len(broker_min_isr) == 1, f"nodes disagree on min.insync.replicas: {broker_min_isr}"
+    for create in creates:
+        assert create.replication_factor == 3, f"{create.topic}: {create.replication_factor}"
+        min_isr = create.config.get("min.insync.replicas", *broker_min_isr)
+        assert min_isr == "2", f"{create.topic}: min.insync.replicas {min_isr}"
+
+
+@pytest.mark.parametrize("name", [*SLUICEWAY_COMPOSE, "clickhouse-init"])
+def test_cluster_services_bootstrap_from_every_broker(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given only `kafka:9092`, a client finds no cluster while that node is down; given all
+    three, it bootstraps from any node that is up."""
+    package = SLUICEWAY_COMPOSE.get(name)
+    cls = settings_class(package) if package else SluiceSettings
+    settings = settings_from(environment(SERVICES[name], CLUSTER), cls, monkeypatch)
+    nodes = kafka_nodes(CLUSTER)
+    advertised = {
+        listener(env, "KAFKA_ADVERTISED_LISTENERS", "PLAINTEXT") for env in nodes.values()
+    }
+    bootstrap = settings.kafka_bootstrap.split(",")
+    assert len(bootstrap) == len(set(bootstrap)) == 3
+    assert set(bootstrap) == advertised
+
+
+def test_cluster_kafka_nodes_publish_their_own_host_port_and_keep_their_own_log() -> None:
+    host_ports, volumes = set(), set()
+    for name, env in kafka_nodes(CLUSTER).items():
+        service = SERVICES[name]
+        host = listener(env, "KAFKA_ADVERTISED_LISTENERS", "HOST")
+        container_port = listener(env, "KAFKA_LISTENERS", "HOST").rsplit(":", 1)[1]
+        controller_port = listener(env, "KAFKA_LISTENERS", "CONTROLLER").rsplit(":", 1)[1]
+        ports = [published(port, CLUSTER) for port in service["ports"]]
+        assert host.startswith("localhost:")
+        assert (host.rsplit(":", 1)[1], container_port) in ports, f"{name}: {host} not published"
+        assert controller_port not in [target for _, target in ports], f"{name}: controller"
+        host_ports.update(host_port for host_port, _ in ports)
+        log = [m for m in mounts(service) if m.target == env["KAFKA_LOG_DIRS"] and not m.bind]
+        assert len(log) == 1, f"{name}: its log dir is not on a named volume"
+        volumes.add(log[0].source)
+    assert len(host_ports) == 3, f"host ports {host_ports}"
+    assert len(volumes) == 3, f"data volumes {volumes}"
+
+
+def run_kafka_init(tmp_path: Path, variables: Mapping[str, str], brokers_up: int) -> Any:
+    """Run kafka-init's script with `kafka-broker-api-versions.sh` listing one broker more at
+    each call, up to `brokers_up` (the nodes coming up one by one), `kafka-topics.sh` writing its
+    arguments to `topics.log`, and `sleep` returning at once. Returns the finished process."""
+    bin_dir, fake_path = tmp_path / "kafka-bin", tmp_path / "path"
+    bin_dir.mkdir()
+    fake_path.mkdir()
+    fakes = {
+        bin_dir / "kafka-broker-api-versions.sh": (
+            'echo x >> "$PROBES"\n'
+            'up=$(wc -l < "$PROBES")\n'
+            '[ "$up" -le "$FAKE_BROKERS" ] || up=$FAKE_BROKERS\n'
+            'for id in $(seq "$up"); do\n'
+            '  echo "kafka-$id:9092 (id: $id rack: null isFenced: false) -> ("\n'
+            '  echo "  Produce(0): 3 to 12 [usable: 12],"\n'
+            "  echo ')'\n"
+            "done\n"
+        ),
+        bin_dir / "kafka-topics.sh": 'echo "$*" >> "$TOPICS_LOG"\n',
+        fake_path / "sleep": "exit 0\n",
+    }
+    for path, body in fakes.items():
+        path.write_text("#!/bin/bash\n" + body, encoding="utf-8")
+        path.chmod(0o755)
+    command = SERVICES["kafka-init"]["command"]
+    assert command[:2] == ["bash", "-ec"]
+    script = interpolate(command[2], variables).replace("/opt/kafka/bin/", f"{bin_dir}/")
+    env = {
+        "PATH": f"{fake_path}:{os.environ['PATH']}",
+        "FAKE_BROKERS": str(brokers_up),
+        "TOPICS_LOG": str(tmp_path / "topics.log"),
+        "PROBES": str(tmp_path / "probes"),
+    }
+    return subprocess.run(
+        ["bash", "-ec", script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "brokers_up", "created"),
+    [("default", 1, True), ("cluster", 2, False), ("cluster", 3, True)],
+)
+def test_kafka_init_creates_topics_only_once_every_broker_is_up(
+    tmp_path: Path, layout: str, brokers_up: int, created: bool
+) -> None:
+    """kafka-init waits for the brokers itself (`depends_on` reaches only `kafka`): with two of
+    three up it must give up without creating a topic, not create them with fewer replicas."""
+    variables = LAYOUTS[layout]
+    result = run_kafka_init(tmp_path, variables, brokers_up)
+    log = tmp_path / "topics.log"
+    calls = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+    if not created:
+        assert result.returncode != 0, result.stdout
+        assert calls == [], "topics created before every broker was up"
+        assert "gave up waiting" in result.stderr
+        return
+    assert result.returncode == 0, result.stdout + result.stderr
+    creates = [shlex.split(call) for call in calls if "--create" in call]
+    assert len(creates) == len(CATALOG)
+    expected = str(len(kafka_nodes(variables)))
+    for words in creates:
+        assert options(words)["--replication-factor"] == [expected], words
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
@@ -729,22 +981,53 @@ def compose_tool() -> list[str] | None:
     return None
 
 
-def test_compose_config_validates() -> None:
+def compose_config(layout: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`compose [--env-file cluster.env] config ARGS` in an environment with no compose variables
+    of the developer's, so that it resolves what these tests resolve."""
     tool = compose_tool()
     if tool is None:
         pytest.skip(
             "neither `docker compose` (v2) nor `docker-compose` (v1, Debian package "
             "docker-compose) is installed"
         )
-    result = subprocess.run(
-        [*tool, "-f", str(COMPOSE_FILE), "config", "-q"],
+    env_file = ["--env-file", str(CLUSTER_ENV_FILE)] if layout == "cluster" else []
+    keep = ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CONTEXT")
+    return subprocess.run(
+        [*tool, "-f", str(COMPOSE_FILE), *env_file, "config", *args],
         cwd=REPO,
+        env={name: os.environ[name] for name in keep if name in os.environ},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compose_config_validates(layout: str) -> None:
+    result = compose_config(layout, "-q")
     assert result.returncode == 0, result.stderr or result.stdout
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compose_tool_resolves_the_variables_as_these_tests_do(layout: str) -> None:
+    """The layout tests above resolve `${...}` themselves; the compose tool must agree, or they
+    check a file Compose never runs."""
+    result = compose_config(layout)
+    assert result.returncode == 0, result.stderr or result.stdout
+    resolved = yaml.safe_load(result.stdout)["services"]
+    variables = LAYOUTS[layout]
+    for name in active_services(variables):
+        ours = environment(SERVICES[name], variables)
+        theirs = {
+            key: "" if v is None else str(v)
+            for key, v in resolved[name].get("environment", {}).items()
+        }
+        assert theirs == ours, name
+    script = shell_text(resolved["kafka-init"]["command"])
+    assert topic_creates(script) == topic_creates(
+        shell_text(SERVICES["kafka-init"]["command"]), variables
+    )
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
