@@ -26,8 +26,11 @@ SOAK_RATE ?= 50
 soak: install ## every service under steady load (SOAK_SECONDS, SOAK_RATE); not part of CI
 	$(PYTHON) -m tests.soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
 
-faults-cluster: install ## broker loss on a three-broker cluster under load (not in make test; SLUICE_FAULTS_WINDOW_S)
-	SLUICE_FAULTS_WINDOW_S=60 $(PYTHON) -m pytest -q -s -m cluster_faults tests/faults/test_cluster_broker_loss.py
+FAULTS_WINDOW_S ?= 60
+FAULTS_LOAD_SCALE ?= 1
+faults-cluster: install ## broker loss on a three-broker cluster under load (not in make test; FAULTS_WINDOW_S, FAULTS_LOAD_SCALE)
+	SLUICE_FAULTS_WINDOW_S=$(FAULTS_WINDOW_S) SLUICE_FAULTS_LOAD_SCALE=$(FAULTS_LOAD_SCALE) \
+		$(PYTHON) -m pytest -q -s -m cluster_faults tests/faults/test_cluster_broker_loss.py
 
 lint: install
 	$(PYTHON) -m ruff check .

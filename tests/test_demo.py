@@ -7,12 +7,13 @@ import socket
 
 import pytest
 
-from deploy.demo.run import Ports, run
+from deploy.demo.run import Ports, run, shape_problems
 from deploy.local.cluster import ClusterConfig, status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BUCKET_S = 10.0
+REFERENCE_FLOOR_MS = 60.0
 
 
 def free_port() -> int:
@@ -44,9 +45,15 @@ def test_demo_runs_every_service_and_scores_live_traffic(tmp_path):
         report.rollout_reason,
     )
     assert (tmp_path / "models" / "fraud" / "1" / "manifest.json").exists()
-    # The latency per bucket is reported (docs/benchmarks.md holds the 30-minute shape); the
-    # 45 s run in a loaded suite is too noisy to bound it (p99 209-963 ms per 10 s bucket).
+    # The shape the 30-minute run keeps (docs/benchmarks.md) over 10 s buckets: every p99
+    # under 250 ms and none over 2x the first's. There the first 5 minutes hold every
+    # service's start and the history replay; here the first 10 s bucket is all start-up (p99
+    # 379 ms alone on 2026-12-07, then 137-159), so the shape is asked from the second on. A
+    # 10 s bucket's p99 is its ~15 slowest predictions: the reference is at least
+    # REFERENCE_FLOOR_MS.
     buckets = report.latency
     assert len(buckets) >= 3 and all(b.count > 0 for b in buckets), buckets
     assert all(b.broker_cores is not None for b in buckets), buckets
+    problems = shape_problems(buckets[1:], REFERENCE_FLOOR_MS)
+    assert not problems, (problems, buckets)
     assert not any(part.running for part in status(cluster)), "the demo stops what it started"

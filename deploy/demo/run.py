@@ -514,6 +514,30 @@ def latency_table(buckets: list[LatencyBucket]) -> Table:
     return table
 
 
+P99_LIMIT_MS = 250.0
+"""The latency shape [kafka] #21 asks of the demo: every bucket's p99 of `total_ms` under this,"""
+P99_RATIO = 2.0
+"""... and none more than this times the first bucket's."""
+
+
+def shape_problems(buckets: list[LatencyBucket], reference_floor_ms: float = 0.0) -> list[str]:
+    """How `buckets` miss the latency shape: a p99 at or over `P99_LIMIT_MS`, or over
+    `P99_RATIO` times the first bucket's p99 (taken as at least `reference_floor_ms`); [] when
+    they keep it."""
+    if not buckets:
+        return ["no bucket"]
+    reference = max(buckets[0].p99_ms, reference_floor_ms)
+    problems = []
+    for b in buckets:
+        if b.p99_ms >= P99_LIMIT_MS:
+            problems.append(f"{b.start_s:.0f} s: p99 {b.p99_ms:.1f} ms >= {P99_LIMIT_MS:.0f}")
+        elif b.p99_ms > P99_RATIO * reference:
+            problems.append(
+                f"{b.start_s:.0f} s: p99 {b.p99_ms:.1f} ms > {P99_RATIO:g}x {reference:.1f}"
+            )
+    return problems
+
+
 class Scrape:
     """Rates and quantiles from successive Prometheus scrapes of one endpoint."""
 
@@ -829,6 +853,11 @@ def run(
             except Exception as exc:  # noqa: BLE001 - the report must not lose the stop
                 console.print(f"latency per bucket not read from ClickHouse: {exc}")
             console.print(latency_table(report.latency))
+            problems = shape_problems(report.latency)
+            console.print(
+                f"latency shape (p99 < {P99_LIMIT_MS:.0f} ms, <= {P99_RATIO:g}x the first "
+                f"bucket's): {'; '.join(problems) if problems else 'kept'}"
+            )
         if started_cluster:
             cluster_down(cluster)
         console.print(

@@ -15,7 +15,10 @@ is killed and restarted the same way. What must hold, counted:
   first kill.
 
 `WINDOW_S` (the windows, default 20 s) is 60 in `make faults-cluster`, which runs the broker-loss
-test; `make test` deselects it (marker `cluster_faults`) and runs the inference-pair test.
+test; `make test` deselects it (marker `cluster_faults`: on two cores it takes ~3.5 min, and
+beside the rest of the suite its three brokers' restarts starve the gateway's clients) and runs
+the inference-pair test. `.ci/run` runs it after `make test`, alone, with 15 s windows and half
+the load (`FAULTS_WINDOW_S=15 FAULTS_LOAD_SCALE=0.5`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ SLACK_S = 4.0
 there): here a restarting broker's JVM and the two others take the shared cores too, and on
 2026-12-07 one 504 reached the client 5.2 s after it was sent (deadline 2 s). A request the
 gateway leaves hanging still fails: the client gives up at the deadline + 5 s (status 0)."""
-SYNC_RATE, ASYNC_RATE, EVENT_RATE = 20, 50, 100
+LOAD_SCALE = float(os.environ.get("SLUICE_FAULTS_LOAD_SCALE", "1"))
+"""Multiplies the three rates: CI runs the broker-loss test at half of them (.ci/run)."""
+SYNC_RATE, ASYNC_RATE, EVENT_RATE = (round(r * LOAD_SCALE) for r in (20, 50, 100))
 P99_FLOOR_MS = 25.0
 """The window before is taken as at least this: at 20 requests/s a window's p99 is its few
 slowest requests, and a quiet window's 10-15 ms doubles on any scheduling hiccup of the two
@@ -189,7 +194,12 @@ def test_losing_brokers_of_three_under_load_loses_nothing_acknowledged(cluster3,
     events.join(150)
 
     # Synchronous: answered within the deadline, a score or a clear 503/504; never a hang.
-    assert not [a for a in answers if a.status == 0], summary(answers)
+    unanswered = [a for a in answers if a.status == 0]
+    assert not unanswered, (
+        summary(answers),
+        [(a.request_id, round(a.elapsed_s, 2), a.body) for a in unanswered[:5]],
+        stack.log_tail("ingest"),
+    )
     late = late_answers(answers, DEADLINE_MS, SLACK_S)
     assert not late, [(a.request_id, a.elapsed_s, a.status) for a in late[:5]]
     outcomes = summary(answers)
