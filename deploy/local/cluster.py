@@ -164,10 +164,6 @@ class ClusterConfig:
         """The part name of each broker: `kafka`, then `kafka-2` ... `kafka-N`."""
         return ("kafka", *(f"kafka-{i}" for i in range(2, self.kafka_brokers + 1)))
 
-    def broker_ports_of(self, part: str) -> tuple[int, int]:
-        """(client, controller) ports of the broker named `part` (one of `broker_parts`)."""
-        return self.broker_ports[self.broker_parts.index(part)]
-
     @property
     def parts(self) -> tuple[str, ...]:
         """Every part of this cluster, in the order `status` reports them."""
@@ -701,7 +697,7 @@ _CLICKHOUSE_USERS = """<?xml version="1.0"?>
 def _ports(config: ClusterConfig, name: str) -> list[tuple[str, int]]:
     """The ports a part listens on, each with the ClusterConfig field that sets it."""
     if name in config.broker_parts[1:]:
-        client, controller = config.broker_ports_of(name)
+        client, controller = config.broker_ports[config.broker_parts.index(name)]
         return [("kafka_node_ports", client), ("kafka_node_ports", controller)]
     names = {
         "kafka": ["kafka_port", "controller_port"]
@@ -847,7 +843,7 @@ def _endpoint(config: ClusterConfig, name: str, argv: list[str]) -> str:
     its version)."""
     if name in config.broker_parts:
         index = config.broker_parts.index(name)
-        where = f"{config.host}:{config.broker_ports_of(name)[0]}"
+        where = f"{config.host}:{config.broker_ports[index][0]}"
         secure = f", SASL_SSL :{config.kafka_secure_port}" if config.kafka_secure_port else ""
         node = f", node {index + 1} of {config.kafka_brokers}" if config.kafka_brokers > 1 else ""
         return f"{where} (Apache Kafka {kafka.broker_version(argv)}{secure}{node})"
@@ -869,7 +865,8 @@ def _accepts_connections(host: str, port: int) -> bool:
 def _broker_problem(config: ClusterConfig, part: str) -> str | None:
     """None once the broker answers a metadata request that lists it (in a cluster of several,
     a broker registers only after the controllers have a quorum)."""
-    port = config.broker_ports_of(part)[0]
+    index = config.broker_parts.index(part)
+    port = config.broker_ports[index][0]
     # Connect first: librdkafka would log a retry error for every refused connection.
     if not _accepts_connections(config.host, port):
         return "not accepting connections"
@@ -879,7 +876,7 @@ def _broker_problem(config: ClusterConfig, part: str) -> str | None:
         )
     except KafkaException as exc:
         return f"metadata request failed: {exc}"
-    if config.broker_parts.index(part) + 1 not in metadata.brokers:
+    if index + 1 not in metadata.brokers:
         return f"not registered yet (brokers {sorted(metadata.brokers)})"
     return None
 
