@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BUCKET_S = 10.0
 REFERENCE_FLOOR_MS = 60.0
+SANITY_P99_MS = 1000.0
 
 
 def free_port() -> int:
@@ -45,15 +46,18 @@ def test_demo_runs_every_service_and_scores_live_traffic(tmp_path):
         report.rollout_reason,
     )
     assert (tmp_path / "models" / "fraud" / "1" / "manifest.json").exists()
-    # The shape the 30-minute run keeps (docs/benchmarks.md) over 10 s buckets: every p99
-    # under 250 ms and none over 2x the first's. There the first 5 minutes hold every
-    # service's start and the history replay; here the first 10 s bucket is all start-up (p99
-    # 379 ms alone on 2026-12-07, then 137-159), so the shape is asked from the second on. A
-    # 10 s bucket's p99 is its ~15 slowest predictions: the reference is at least
-    # REFERENCE_FLOOR_MS.
+    # The shape the 30-minute run keeps (docs/benchmarks.md), over 10 s buckets: no p99 over
+    # 2x the reference's. That the p99 stays under 250 ms is a performance target, measured by
+    # the 30-minute run and printed by every demo, not asserted here: on CI's machine, under
+    # the same 80/s, every bucket's p99 was 270-380 ms (2026-12-07), here 92-159 ms. What
+    # broke the demo on Tansu was growth (p99 957 ms, then 5.7 s, then no answer), which the
+    # ratio catches on any machine; SANITY_P99_MS only says the demo answers in time at all.
+    # The first 10 s bucket is all start-up (p99 379 ms alone here, then 137-159), so the shape
+    # is asked from the second on. A 10 s bucket's p99 is its ~15 slowest predictions: the
+    # reference is at least REFERENCE_FLOOR_MS.
     buckets = report.latency
     assert len(buckets) >= 3 and all(b.count > 0 for b in buckets), buckets
     assert all(b.broker_cores is not None for b in buckets), buckets
-    problems = shape_problems(buckets[1:], REFERENCE_FLOOR_MS)
+    problems = shape_problems(buckets[1:], REFERENCE_FLOOR_MS, limit_ms=SANITY_P99_MS)
     assert not problems, (problems, buckets)
     assert not any(part.running for part in status(cluster)), "the demo stops what it started"

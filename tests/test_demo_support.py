@@ -20,3 +20,10 @@ def test_the_reference_floor_stands_in_for_a_fast_first_bucket():
     assert shape_problems(buckets(20.0, 90.0)) == ["300 s: p99 90.0 ms > 2x 20.0"]
     assert shape_problems(buckets(20.0, 90.0), reference_floor_ms=60.0) == []
     assert shape_problems([]) == ["no bucket"]
+
+
+def test_a_caller_may_set_its_own_limit():
+    assert shape_problems(buckets(200.0, 300.0), limit_ms=1000.0) == []
+    assert shape_problems(buckets(600.0, 1000.0), limit_ms=1000.0) == [
+        "300 s: p99 1000.0 ms >= 1000"
+    ]

@@ -520,17 +520,21 @@ P99_RATIO = 2.0
 """... and none more than this times the first bucket's."""
 
 
-def shape_problems(buckets: list[LatencyBucket], reference_floor_ms: float = 0.0) -> list[str]:
-    """How `buckets` miss the latency shape: a p99 at or over `P99_LIMIT_MS`, or over
-    `P99_RATIO` times the first bucket's p99 (taken as at least `reference_floor_ms`); [] when
-    they keep it."""
+def shape_problems(
+    buckets: list[LatencyBucket],
+    reference_floor_ms: float = 0.0,
+    limit_ms: float = P99_LIMIT_MS,
+) -> list[str]:
+    """How `buckets` miss the latency shape: a p99 at or over `limit_ms`, or over `P99_RATIO`
+    times the first bucket's p99 (taken as at least `reference_floor_ms`); [] when they keep
+    it."""
     if not buckets:
         return ["no bucket"]
     reference = max(buckets[0].p99_ms, reference_floor_ms)
     problems = []
     for b in buckets:
-        if b.p99_ms >= P99_LIMIT_MS:
-            problems.append(f"{b.start_s:.0f} s: p99 {b.p99_ms:.1f} ms >= {P99_LIMIT_MS:.0f}")
+        if b.p99_ms >= limit_ms:
+            problems.append(f"{b.start_s:.0f} s: p99 {b.p99_ms:.1f} ms >= {limit_ms:.0f}")
         elif b.p99_ms > P99_RATIO * reference:
             problems.append(
                 f"{b.start_s:.0f} s: p99 {b.p99_ms:.1f} ms > {P99_RATIO:g}x {reference:.1f}"
