@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +20,7 @@ from redis import Redis
 from schemas.topics import EVENTS, LABELS, PREDICTIONS
 from services.common.apikeys import hash_key
 from services.features.client import write_features
+from tests.faults.support import metric_total
 from tests.helpers.gateway import GatewayProcess, secured_gateway, serving
 from tests.helpers.models import CARD_FEATURES, FEATURES, MERCHANT_FEATURES, write_version
 from tests.support import body_of, json_bodies, read_topic, unique
@@ -181,6 +183,52 @@ def test_in_flight_flood_gets_429_then_recovers(stack):
         assert after == [200] * 20
     finally:
         flooded.stop()
+
+
+def test_a_gateway_running_behind_sheds_with_429_then_recovers(stack):
+    """Under a flood the gateway's own queue (sockets read, requests parsed, tasks waiting for
+    their turn) grows before any in-flight limit is reached: past the allowed loop lag the
+    excess is refused at once instead of waiting past its deadline."""
+    max_lag_ms = 50
+    lagging = GatewayProcess(
+        {
+            **stack["env"],
+            "SLUICE_INGEST_REPLY_GROUP": unique("lag"),
+            "SLUICE_INGEST_MAX_LOOP_LAG_MS": str(max_lag_ms),
+        }
+    )
+    try:
+        lagging.wait_ready()
+        url = f"{lagging.url}/v1/models/{stack['model']}/predict?timeout_ms=5000"
+
+        async def flood() -> list[tuple[int, dict, str | None]]:
+            # aiohttp: httpx's per-request CPU and its pool's cost with hundreds of
+            # connections made the client, not the gateway, the queue.
+            connector = aiohttp.TCPConnector(limit=400)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def one(i: int) -> tuple[int, dict, str | None]:
+                    async with session.post(url, json=body(i)) as response:
+                        payload = await response.json()
+                        return response.status, payload, response.headers.get("retry-after")
+
+                return await asyncio.gather(*(one(i) for i in range(1200)))
+
+        answers = asyncio.run(flood())
+        statuses = [status for status, _, _ in answers]
+        assert statuses.count(429) > 0 and statuses.count(200) > 0, statuses
+        assert set(statuses) <= {200, 429}
+        _, refused, retry_after = next(a for a in answers if a[0] == 429)
+        assert retry_after == "1"
+        error = refused["error"]
+        assert error["code"] == "overloaded"
+        assert error["details"]["loop_lag_ms"] > max_lag_ms, error
+        lag = metric_total(lagging.url, "sluice_ingest_loop_lag_seconds")
+        assert 0 <= lag < max_lag_ms / 1000
+        after = [httpx.post(url, json=body(i), timeout=10).status_code for i in range(20)]
+        assert after == [200] * 20
+    finally:
+        lagging.stop()
 
 
 def test_bad_requests_get_clear_4xx_errors(stack):

@@ -19,7 +19,7 @@ from services.common.apikeys import authorize, parse_keys, presented_key
 from services.common.worker import tune_garbage_collector
 from services.ingest.capture import capture
 from services.ingest.gateway import Gateway, GatewayError, ModelCatalog, PredictItem
-from services.ingest.limits import BodySizeLimit
+from services.ingest.limits import BodySizeLimit, LoopLag
 from services.ingest.oip import router as oip_router
 from services.ingest.oip_grpc import start_server as start_grpc_server
 from services.ingest.openapi import capture_body, document_api_keys, json_body
@@ -112,6 +112,8 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         )
         producer.start(loop)
         replies.start(loop)
+        loop_lag = LoopLag()
+        loop_lag.start()
         app.state.producer = producer
         app.state.replies = replies
         app.state.gateway = Gateway(
@@ -121,6 +123,8 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             default_timeout_ms=settings.ingest_default_timeout_ms,
             max_timeout_ms=settings.ingest_max_timeout_ms,
             max_in_flight=settings.ingest_max_in_flight,
+            loop_lag=loop_lag,
+            max_loop_lag_ms=settings.ingest_max_loop_lag_ms,
             idempotency_ttl_s=settings.ingest_idempotency_ttl_s,
             request_partitions=await loop.run_in_executor(None, producer.partitions, REQUESTS.name),
             partition_slice_ms=settings.ingest_partition_slice_ms,
@@ -138,6 +142,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(grace=1)
+            loop_lag.stop()
             replies.close()
             producer.close()
 

@@ -32,6 +32,7 @@ from services.common.codec import encode_obj
 from services.common.kafka import sticky_partition
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.inference.client import list_models
+from services.ingest.limits import LoopLag
 from services.ingest.producer import AsyncProducer, DeliveryError
 from services.ingest.replies import ReplyListener
 
@@ -135,6 +136,12 @@ class _Metrics:
         self.in_flight = metric(
             Gauge, "sluice_ingest_in_flight", "Synchronous predictions waiting for their reply"
         )
+        self.loop_lag = metric(
+            Gauge,
+            "sluice_ingest_loop_lag_seconds",
+            "How late the gateway's event loop runs what is due (requests wait this long "
+            "before their handler starts)",
+        )
 
 
 class Gateway:
@@ -152,6 +159,8 @@ class Gateway:
         idempotency_ttl_s: float,
         request_partitions: list[int],
         partition_slice_ms: int,
+        loop_lag: LoopLag | None = None,
+        max_loop_lag_ms: float = 0.0,
         requests_topic: str = REQUESTS.name,
     ) -> None:
         self.producer = producer
@@ -165,11 +174,16 @@ class Gateway:
         self.request_partitions = request_partitions
         """Partitions of the requests topic, learnt at start; [] = place requests by key."""
         self.partition_slice_ms = partition_slice_ms
+        self.loop_lag = loop_lag
+        self.max_loop_lag_s = max_loop_lag_ms / 1000
+        """Predictions are refused (429) while `loop_lag` is over this; 0 = never."""
         self._salt = random.randrange(1 << 16)
         self.in_flight = 0
         self._recent: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self.metrics = _Metrics()
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time
+        if loop_lag is not None:
+            self.metrics.loop_lag.set_function(loop_lag.current_s)
 
     def timeout_ms(self, asked: int | None) -> int:
         """The deadline to use: the caller's (capped) or the default; 422 if not positive."""
@@ -197,6 +211,21 @@ class Gateway:
                 {"max_in_flight": self.max_in_flight},
                 {"Retry-After": "1"},
             )
+        if self.max_loop_lag_s and self.loop_lag is not None:
+            lag_s = self.loop_lag.current_s()
+            if lag_s > self.max_loop_lag_s:
+                # Past this the gateway is the queue: admitted work would wait behind what it
+                # cannot keep up with, past its deadline. Refusing costs far less than serving.
+                raise GatewayError(
+                    429,
+                    "overloaded",
+                    f"the gateway runs {lag_s * 1000:.0f} ms behind; try again shortly",
+                    {
+                        "loop_lag_ms": round(lag_s * 1000, 1),
+                        "max_loop_lag_ms": self.max_loop_lag_s * 1000,
+                    },
+                    {"Retry-After": "1"},
+                )
         if not self.replies.ready():
             raise GatewayError(
                 503, "not_ready", "no reply partitions assigned yet", headers={"Retry-After": "1"}

@@ -1,8 +1,46 @@
-"""Request body size limit as ASGI middleware: 413 with a JSON body, before or while reading."""
+"""The gateway's limits: request body size (ASGI middleware, 413 with a JSON body, before or
+while reading) and how far behind its event loop runs (`LoopLag`, for shedding with 429)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import orjson
+
+
+class LoopLag:
+    """How late the event loop runs what is due: the time a request waits in the gateway before
+    any handler code runs (reading its socket, parsing it, its task's turn), which no deadline
+    timer started in the handler can see. Measured the way Node's `toobusy` does it: a timer
+    every `interval_s`, and how late it fires.
+
+    `current_s()` is the last measurement, or, when the next timer is already overdue, how
+    overdue it is: under a sudden flood the lag shows at once, not one late timer later.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.last_s = 0.0
+        self.due = time.perf_counter() + interval_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start measuring on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._measure())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def current_s(self) -> float:
+        return max(self.last_s, time.perf_counter() - self.due)
+
+    async def _measure(self) -> None:
+        while True:
+            self.due = time.perf_counter() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.last_s = max(0.0, time.perf_counter() - self.due)
 
 
 class BodySizeLimit:

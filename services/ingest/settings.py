@@ -29,6 +29,13 @@ class IngestSettings(SluiceSettings):
     ingest_max_in_flight: int = Field(
         4096, ge=1, description="Synchronous predictions waiting at once; more get 429."
     )
+    ingest_max_loop_lag_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Synchronous predictions get 429 while the gateway's event loop runs this "
+        "far behind (requests wait that long before their handler starts); 0 = never (the "
+        "default until the suite and the soak have run with it on; 250 is the candidate).",
+    )
     ingest_max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413."
     )
