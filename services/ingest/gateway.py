@@ -159,8 +159,8 @@ class Gateway:
         idempotency_ttl_s: float,
         request_partitions: list[int],
         partition_slice_ms: int,
-        loop_lag: LoopLag | None = None,
-        max_loop_lag_ms: float = 0.0,
+        loop_lag: LoopLag,
+        max_loop_lag_ms: float,
         requests_topic: str = REQUESTS.name,
     ) -> None:
         self.producer = producer
@@ -182,8 +182,7 @@ class Gateway:
         self._recent: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self.metrics = _Metrics()
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time
-        if loop_lag is not None:
-            self.metrics.loop_lag.set_function(loop_lag.current_s)
+        self.metrics.loop_lag.set_function(loop_lag.current_s)
 
     def timeout_ms(self, asked: int | None) -> int:
         """The deadline to use: the caller's (capped) or the default; 422 if not positive."""
@@ -204,28 +203,20 @@ class Gateway:
         """
         self.catalog.require(model)
         if self.in_flight + len(items) > self.max_in_flight:
-            raise GatewayError(
-                429,
-                "overloaded",
-                f"{self.in_flight} predictions in flight; try again shortly",
+            raise _overloaded(
+                f"{self.in_flight} predictions in flight",
                 {"max_in_flight": self.max_in_flight},
-                {"Retry-After": "1"},
             )
-        if self.max_loop_lag_s and self.loop_lag is not None:
-            lag_s = self.loop_lag.current_s()
-            if lag_s > self.max_loop_lag_s:
-                # Past this the gateway is the queue: admitted work would wait behind what it
-                # cannot keep up with, past its deadline. Refusing costs far less than serving.
-                raise GatewayError(
-                    429,
-                    "overloaded",
-                    f"the gateway runs {lag_s * 1000:.0f} ms behind; try again shortly",
-                    {
-                        "loop_lag_ms": round(lag_s * 1000, 1),
-                        "max_loop_lag_ms": self.max_loop_lag_s * 1000,
-                    },
-                    {"Retry-After": "1"},
-                )
+        # Past the loop-lag limit the gateway is the queue: admitted work would wait behind
+        # what it cannot keep up with, past its deadline. Refusing costs far less than serving.
+        if self.max_loop_lag_s and (lag_s := self.loop_lag.current_s()) > self.max_loop_lag_s:
+            raise _overloaded(
+                f"the gateway runs {lag_s * 1000:.0f} ms behind",
+                {
+                    "loop_lag_ms": round(lag_s * 1000, 1),
+                    "max_loop_lag_ms": self.max_loop_lag_s * 1000,
+                },
+            )
         if not self.replies.ready():
             raise GatewayError(
                 503, "not_ready", "no reply partitions assigned yet", headers={"Retry-After": "1"}
@@ -356,6 +347,13 @@ class Gateway:
             len(self._recent) > 100_000 or next(iter(self._recent.values()))[0] < now
         ):
             self._recent.popitem(last=False)
+
+
+def _overloaded(why: str, details: dict) -> GatewayError:
+    """429 `overloaded`, with `Retry-After`: the gateway refuses more work for now."""
+    return GatewayError(
+        429, "overloaded", f"{why}; try again shortly", details, {"Retry-After": "1"}
+    )
 
 
 async def _reply_or_failure(
