@@ -101,6 +101,8 @@ class FeaturePlan:
     """Per column: (entity, or None for a request feature; the key to look up; the spec)."""
     online: dict[str, tuple[str, ...]]
     """Per entity: the store feature names the model reads."""
+    overrides: frozenset[str] = frozenset()
+    """Column names of the online features: a request that carries one overrides the store."""
 
     @classmethod
     def of(cls, manifest: Manifest) -> FeaturePlan:
@@ -117,6 +119,7 @@ class FeaturePlan:
             names=tuple(manifest.feature_names),
             columns=tuple(columns),
             online={entity: tuple(names) for entity, names in online.items()},
+            overrides=frozenset(spec.name for spec in manifest.features if spec.source != "request"),
         )
 
 
@@ -130,11 +133,14 @@ def online_keys(
     jobs: Sequence[Job], plans: Mapping[tuple[str, str], FeaturePlan]
 ) -> list[tuple[str, str]]:
     """Every (entity, entity id) whose online features the batch needs, once, for one read."""
-    keys: dict[tuple[str, str], None] = {}
+    by_entity: dict[str, list[PredictionRequest]] = {}
     for job in jobs:
         if job.error is None:
             for entity in plans[(job.request.model, job.version)].online:
-                keys[(entity, entity_id_for(entity, job.request))] = None
+                by_entity.setdefault(entity, []).append(job.request)
+    keys: dict[tuple[str, str], None] = {}
+    for entity, requests in by_entity.items():
+        keys.update(dict.fromkeys((entity, i) for i in entity_ids(entity, requests)))
     return list(keys)
 
 
@@ -181,6 +187,82 @@ def fill_row(
 
 
 _INFINITIES = (math.inf, -math.inf)
+
+
+def entity_ids(entity: str, requests: Sequence[PredictionRequest]) -> list[str]:
+    """`entity_id_for(entity, r)` of every request, in one pass."""
+    field = f"{entity}_id"
+    return [
+        o if type(o := r.features.get(field)) is str and o else r.entity_id for r in requests
+    ]
+
+
+def feature_matrix(
+    jobs: Sequence[Job],
+    plan: FeaturePlan,
+    online: Mapping[tuple[str, str], Mapping[str, float | None]],
+    store_unavailable: bool = False,
+) -> tuple[list[Job], np.ndarray]:
+    """The jobs of one version that can be scored and their rows (float64, column order of the
+    plan), built a column at a time; sets `job.row` on those and `job.error` on the others.
+
+    A value is taken as it is when it is a float (finite, or the feature allows NaN/inf): that
+    is every value of a well-formed request and store. A row holding anything else (a missing
+    value, an int, a bool, a string, a NaN) is built by `fill_row`, so defaults, conversions and
+    errors are exactly those of the one-row path.
+    """
+    count = len(jobs)
+    requests = [job.request for job in jobs]
+    values = [r.features for r in requests]
+    snapshots = {
+        entity: [online.get((entity, i), _NO_VALUES) for i in entity_ids(entity, requests)]
+        for entity in plan.online
+    }
+    overridden = any(not plan.overrides.isdisjoint(v) for v in values)
+    columns: list[np.ndarray] = []
+    slow: set[int] = set()
+    for entity, key, spec in plan.columns:
+        if entity is None:
+            column = [v.get(key) for v in values]
+        elif overridden:  # a request-time value of the same name takes precedence
+            name = spec.name
+            column = [
+                raw if (raw := v.get(name)) is not None else s.get(key)
+                for v, s in zip(values, snapshots[entity], strict=True)
+            ]
+        else:
+            column = [s.get(key) for s in snapshots[entity]]
+        if set(map(type, column)) <= _FLOAT:
+            array = np.array(column, dtype=np.float64)
+        else:
+            slow.update(i for i, raw in enumerate(column) if type(raw) is not float)
+            array = np.fromiter(
+                (raw if type(raw) is float else 0.0 for raw in column), np.float64, count
+            )
+        if not spec.allow_nan:
+            finite = np.isfinite(array)
+            if not finite.all():
+                slow.update(np.flatnonzero(~finite).tolist())
+        columns.append(array)
+    matrix = np.column_stack(columns) if columns else np.empty((count, 0))
+    if not slow:
+        for job, row in zip(jobs, matrix.tolist(), strict=True):
+            job.row = row
+        return list(jobs), matrix
+    keep: list[int] = []
+    for i, (job, row) in enumerate(zip(jobs, matrix.tolist(), strict=True)):
+        if i in slow:
+            fill_row(job, plan, online, store_unavailable)
+            if job.error is not None:
+                continue
+            matrix[i] = job.row
+        else:
+            job.row = row
+        keep.append(i)
+    return [jobs[i] for i in keep], matrix[keep]
+
+
+_FLOAT = {float}
 
 
 def _checked_value(

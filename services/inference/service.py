@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import orjson
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 from redis import Redis
 from redis.exceptions import RedisError
 
 from schemas.messages import ErrorBody, PredictionRequest, Route, RoutingTable
-from services.common.codec import encode_obj
 from services.common.kafka import sticky_partition
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.common.worker import Output, Record
@@ -35,7 +35,7 @@ from services.inference.registry import validate_version
 from services.inference.scoring import (
     FeaturePlan,
     Job,
-    fill_row,
+    feature_matrix,
     online_keys,
     output_rows,
     plan_jobs,
@@ -188,29 +188,18 @@ class InferenceService:
         by_version: dict[tuple[str, str], list[Job]] = defaultdict(list)
         for job in jobs:
             if job.error is None:
-                key = (job.request.model, job.version)
-                fill_row(job, plans[key], online, store_unavailable)
-                if job.error is None:
-                    by_version[key].append(job)
+                by_version[(job.request.model, job.version)].append(job)
 
         results: dict[int, tuple[float, dict, float, int]] = {}
-        for (model, version), version_jobs in by_version.items():
-            self._run(loaded_for[(model, version)], version_jobs, results)
+        for key, version_jobs in by_version.items():
+            scored, matrix = feature_matrix(version_jobs, plans[key], online, store_unavailable)
+            if scored:
+                self._run(loaded_for[key], scored, matrix, results)
 
         scored_ms = time.time() * 1000
-        outputs = [
-            self._prediction(
-                records[job.index],
-                job,
-                results.get(id(job)),
-                plans,
-                features_ms,
-                consumed_ms,
-                scored_ms,
-                store_unavailable,
-            )
-            for job in jobs
-        ]
+        outputs = self._predictions(
+            records, jobs, results, plans, features_ms, consumed_ms, scored_ms, store_unavailable
+        )
         self._observe(jobs, results, features_ms, consumed_ms, scored_ms)
         if self.batch_policy is not None:
             self.batch_policy.record_latencies(
@@ -264,13 +253,15 @@ class InferenceService:
             key: snapshot[1] for key, snapshot in zip(keys, snapshots, strict=True) if snapshot
         }, False
 
-    def _run(self, loaded: LoadedVersion, jobs: Sequence[Job], results: dict) -> None:
+    def _run(
+        self, loaded: LoadedVersion, jobs: Sequence[Job], matrix: np.ndarray, results: dict
+    ) -> None:
         limit = self.settings.inference_max_batch_size
         for start in range(0, len(jobs), limit):
             chunk = jobs[start : start + limit]
-            matrix = np.array([job.row for job in chunk], dtype=np.float32)
+            rows = matrix[start : start + limit].astype(np.float32)
             started = time.perf_counter()
-            outputs = loaded.engine.run(matrix)
+            outputs = loaded.engine.run(rows)
             model_ms = (time.perf_counter() - started) * 1000
             scores = score_column(outputs, loaded.manifest)
             rows = output_rows(outputs)
@@ -278,73 +269,76 @@ class InferenceService:
             for job, score, row_outputs in zip(chunk, scores.tolist(), rows, strict=True):
                 results[id(job)] = (score, row_outputs, model_ms, len(chunk))
 
-    def _prediction(
+    def _predictions(
         self,
-        record: Record,
-        job: Job,
-        result: tuple[float, dict, float, int] | None,
+        records: list[Record],
+        jobs: list[Job],
+        results: dict[int, tuple[float, dict, float, int]],
         plans: dict[tuple[str, str], FeaturePlan],
         features_ms: float,
         consumed_ms: float,
         scored_ms: float,
-        store_unavailable: bool = False,
-    ) -> Output:
-        request = job.request
-        body: dict = {
-            "schema_version": 1,
-            "request_id": request.request_id,
-            "model": request.model,
-            "version": job.version or "",
-            "route": job.route.value,
-            "entity_id": request.entity_id,
-            "created_at_ms": request.created_at_ms,
-            "scored_at_ms": int(scored_ms),
-            "error": None,
-        }
-        latency = {
-            "queue_ms": max(0.0, consumed_ms - request.created_at_ms),
-            "features_ms": 0.0,
-            "model_ms": 0.0,
-            "total_ms": max(0.0, scored_ms - request.created_at_ms),
-        }
-        if result is None:
-            error = job.error or ErrorBody(code="internal", message="request was not scored")
-            body["error"] = error.model_dump()
-        else:
-            score, row_outputs, model_ms, batch_size = result
-            latency["features_ms"], latency["model_ms"] = features_ms, model_ms
-            body["score"] = score
-            body["outputs"] = row_outputs
-            body["features"] = dict(
-                zip(plans[(request.model, job.version)].names, job.row, strict=True)
-            )
-            body["defaulted"] = job.defaulted
-            body["batch_size"] = batch_size
-        body["latency"] = latency
-        headers = {"request_id": request.request_id, "route": job.route.value}
-        if store_unavailable and result is not None and job.defaulted:
-            headers["degraded"] = "online_store_unavailable"
-            self.metrics.degraded.inc()
-        reply = record.headers.get("reply_partition")
-        partition = None
-        if reply is not None and job.route is not Route.shadow:
-            try:
-                partition = int(reply)
-            except ValueError:
-                log.warning("bad reply_partition header", extra={"value": repr(reply)})
-        if partition is None and self.prediction_partitions:
-            # Nobody waits on this one: sticky, so a batch's such predictions share one record
-            # batch (fewer, fuller batches cost the broker and the readers less).
-            partition = sticky_partition(
+        store_unavailable: bool,
+    ) -> list[Output]:
+        """One `Prediction` message per job, written as JSON straight from dictionaries: what is
+        the same for the whole batch (topic, time, the partition of predictions nobody waits
+        for) is worked out once."""
+        topic = self.settings.inference_predictions_topic
+        scored_at_ms = int(scored_ms)
+        # Nobody waits on these: sticky, so a batch's such predictions share one record batch
+        # (fewer, fuller batches cost the broker and the readers less).
+        unawaited = (
+            sticky_partition(
                 self.prediction_partitions,
-                int(scored_ms),
+                scored_at_ms,
                 self.settings.inference_partition_slice_ms,
                 self._salt,
             )
-        return Output(
-            topic=self.settings.inference_predictions_topic,
-            value=encode_obj(body),
-            key=request.entity_id,
-            headers=headers,
-            partition=partition,
+            if self.prediction_partitions
+            else None
         )
+        names = {key: plan.names for key, plan in plans.items()}
+        outputs: list[Output] = []
+        for job in jobs:
+            request = job.request
+            created = request.created_at_ms
+            route = job.route.value
+            body: dict = {
+                "schema_version": 1,
+                "request_id": request.request_id,
+                "model": request.model,
+                "version": job.version or "",
+                "route": route,
+                "entity_id": request.entity_id,
+                "created_at_ms": created,
+                "scored_at_ms": scored_at_ms,
+                "error": None,
+            }
+            result = results.get(id(job))
+            headers = {"request_id": request.request_id, "route": route}
+            if result is None:
+                error = job.error or ErrorBody(code="internal", message="request was not scored")
+                body["error"] = error.model_dump()
+                model_ms = job_features_ms = 0.0
+            else:
+                body["score"], body["outputs"], model_ms, body["batch_size"] = result
+                body["features"] = dict(zip(names[(request.model, job.version)], job.row))
+                body["defaulted"] = job.defaulted
+                job_features_ms = features_ms
+                if store_unavailable and job.defaulted:
+                    headers["degraded"] = "online_store_unavailable"
+                    self.metrics.degraded.inc()
+            body["latency"] = {
+                "queue_ms": max(0.0, consumed_ms - created),
+                "features_ms": job_features_ms,
+                "model_ms": model_ms,
+                "total_ms": max(0.0, scored_ms - created),
+            }
+            partition = unawaited
+            if route != "shadow" and (reply := records[job.index].headers.get("reply_partition")):
+                try:
+                    partition = int(reply)
+                except ValueError:
+                    log.warning("bad reply_partition header", extra={"value": repr(reply)})
+            outputs.append(Output(topic, orjson.dumps(body), request.entity_id, headers, partition))
+        return outputs
