@@ -119,7 +119,9 @@ class FeaturePlan:
             names=tuple(manifest.feature_names),
             columns=tuple(columns),
             online={entity: tuple(names) for entity, names in online.items()},
-            overrides=frozenset(spec.name for spec in manifest.features if spec.source != "request"),
+            overrides=frozenset(
+                spec.name for spec in manifest.features if spec.source != "request"
+            ),
         )
 
 
@@ -192,9 +194,7 @@ _INFINITIES = (math.inf, -math.inf)
 def entity_ids(entity: str, requests: Sequence[PredictionRequest]) -> list[str]:
     """`entity_id_for(entity, r)` of every request, in one pass."""
     field = f"{entity}_id"
-    return [
-        o if type(o := r.features.get(field)) is str and o else r.entity_id for r in requests
-    ]
+    return [o if type(o := r.features.get(field)) is str and o else r.entity_id for r in requests]
 
 
 def feature_matrix(

@@ -23,7 +23,7 @@ from prometheus_client import Gauge, Histogram
 from redis import Redis
 from redis.exceptions import RedisError
 
-from schemas.messages import ErrorBody, PredictionRequest, Route, RoutingTable
+from schemas.messages import ErrorBody, PredictionRequest, RoutingTable
 from services.common.kafka import sticky_partition
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.common.worker import Output, Record
@@ -322,7 +322,8 @@ class InferenceService:
                 model_ms = job_features_ms = 0.0
             else:
                 body["score"], body["outputs"], model_ms, body["batch_size"] = result
-                body["features"] = dict(zip(names[(request.model, job.version)], job.row))
+                columns = names[(request.model, job.version)]
+                body["features"] = dict(zip(columns, job.row, strict=True))
                 body["defaulted"] = job.defaulted
                 job_features_ms = features_ms
                 if store_unavailable and job.defaulted:
