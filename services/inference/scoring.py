@@ -101,7 +101,7 @@ class FeaturePlan:
     """Per column: (entity, or None for a request feature; the key to look up; the spec)."""
     online: dict[str, tuple[str, ...]]
     """Per entity: the store feature names the model reads."""
-    overrides: frozenset[str] = frozenset()
+    overrides: frozenset[str]
     """Column names of the online features: a request that carries one overrides the store."""
 
     @classmethod
@@ -127,8 +127,7 @@ class FeaturePlan:
 
 def entity_id_for(entity: str, request: PredictionRequest) -> str:
     """The id whose online features a request uses for `entity`."""
-    override = request.features.get(f"{entity}_id")
-    return override if isinstance(override, str) and override else request.entity_id
+    return entity_ids(entity, [request])[0]
 
 
 def online_keys(
@@ -192,7 +191,8 @@ _INFINITIES = (math.inf, -math.inf)
 
 
 def entity_ids(entity: str, requests: Sequence[PredictionRequest]) -> list[str]:
-    """`entity_id_for(entity, r)` of every request, in one pass."""
+    """The id whose online features each request uses for `entity`: its feature `{entity}_id`
+    when that is a non-empty string, else its `entity_id`."""
     field = f"{entity}_id"
     return [o if type(o := r.features.get(field)) is str and o else r.entity_id for r in requests]
 

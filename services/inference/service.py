@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 from redis import Redis
 from redis.exceptions import RedisError
 
 from schemas.messages import ErrorBody, PredictionRequest, RoutingTable
+from services.common.codec import encode_obj
 from services.common.kafka import sticky_partition
 from services.common.metrics import LATENCY_BUCKETS_S, metric
 from services.common.worker import Output, Record
@@ -259,9 +259,9 @@ class InferenceService:
         limit = self.settings.inference_max_batch_size
         for start in range(0, len(jobs), limit):
             chunk = jobs[start : start + limit]
-            rows = matrix[start : start + limit].astype(np.float32)
+            inputs = matrix[start : start + limit].astype(np.float32)
             started = time.perf_counter()
-            outputs = loaded.engine.run(rows)
+            outputs = loaded.engine.run(inputs)
             model_ms = (time.perf_counter() - started) * 1000
             scores = score_column(outputs, loaded.manifest)
             rows = output_rows(outputs)
@@ -336,10 +336,11 @@ class InferenceService:
                 "total_ms": max(0.0, scored_ms - created),
             }
             partition = unawaited
-            if route != "shadow" and (reply := records[job.index].headers.get("reply_partition")):
+            reply = records[job.index].headers.get("reply_partition")
+            if reply is not None and route != "shadow":
                 try:
                     partition = int(reply)
                 except ValueError:
                     log.warning("bad reply_partition header", extra={"value": repr(reply)})
-            outputs.append(Output(topic, orjson.dumps(body), request.entity_id, headers, partition))
+            outputs.append(Output(topic, encode_obj(body), request.entity_id, headers, partition))
         return outputs
